@@ -1,0 +1,1 @@
+"""Federated instruction tuning of LLMs with LoRA/DoRA adapters on Flower."""

@@ -1,0 +1,101 @@
+"""The run directory: every file a run writes, each written to a temporary name and then renamed.
+
+    <output.dir>/<run_id>/
+        run_config.json          the resolved config the run used
+        history.json             one record per round: loss, learning rate, nodes, failures, bytes, seconds
+        loss.png                 train loss and learning rate across rounds
+        checkpoints/round-<N>/   adapter_model.safetensors + adapter_config.json (a standard PEFT adapter)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from peft import PeftConfig
+from safetensors.numpy import save_file
+
+
+@contextmanager
+def _atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a scratch path beside ``target``; rename it over ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.close(fd)
+        scratch = Path(name)
+    try:
+        yield scratch
+        # mkstemp/mkdtemp create owner-only entries; outputs get the usual permissions.
+        scratch.chmod(0o755 if directory else 0o644)
+        for child in scratch.iterdir() if directory else ():
+            child.chmod(0o644)
+        if directory and target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch) if directory else scratch.unlink()
+
+
+def write_json(path: Path, value: Any) -> None:
+    with _atomic_path(path) as scratch:
+        scratch.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def save_adapter(directory: Path, state: Mapping[str, np.ndarray], peft_config: PeftConfig) -> Path:
+    """Write a PEFT adapter exactly as ``PeftModel.save_pretrained`` lays it out, without needing the model."""
+    with _atomic_path(directory, directory=True) as scratch:
+        save_file(dict(state), str(scratch / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_config.save_pretrained(str(scratch))
+    return directory
+
+
+class RunDirectory:
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, output_root: Path, run_id: int | str, resolved_config: Mapping[str, Any]) -> RunDirectory:
+        run_dir = cls(output_root / str(run_id))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir.path / "run_config.json", dict(resolved_config))
+        return run_dir
+
+    def checkpoint_dir(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round}"
+
+    def save_checkpoint(self, server_round: int, state: Mapping[str, np.ndarray], peft_config: PeftConfig) -> Path:
+        return save_adapter(self.checkpoint_dir(server_round), state, peft_config)
+
+    def save_history(self, rounds: list[dict[str, Any]]) -> None:
+        write_json(self.path / "history.json", rounds)
+        self._plot_loss(rounds)
+
+    def _plot_loss(self, rounds: list[dict[str, Any]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        trained = [r for r in rounds if r["train_loss"] is not None]
+        fig, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+        loss_axis.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "o-", color="tab:blue")
+        loss_axis.set_xlabel("round")
+        loss_axis.set_ylabel("train loss (weighted mean over clients)", color="tab:blue")
+        lr_axis = loss_axis.twinx()
+        lr_axis.plot([r["round"] for r in rounds], [r["learning_rate"] for r in rounds], "--", color="tab:gray")
+        lr_axis.set_ylabel("learning rate", color="tab:gray")
+        loss_axis.set_title(f"run {self.path.name}")
+        fig.tight_layout()
+        with _atomic_path(self.path / "loss.png") as scratch:
+            fig.savefig(scratch, format="png")
+        plt.close(fig)

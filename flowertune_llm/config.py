@@ -1,0 +1,300 @@
+"""The run config: parsed once from Flower's flat ``run_config`` into typed, validated objects.
+
+Flower hands every app a flat dict with dotted keys (``model.lora.peft-lora-r``). Each section below is a
+frozen dataclass whose fields are named after those keys (``-`` becomes ``_``) and whose ``PREFIX`` says
+where the section lives, so a key maps to exactly one field and back. Defaults live in one place only,
+``[tool.flwr.app.config]`` in ``pyproject.toml``; :func:`default_run_config` reads them from there.
+
+Every check runs at construction and raises :class:`ConfigError` naming the key, the value and what is
+allowed, so a bad run stops before any model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, get_type_hints
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+APP_ROOT = PACKAGE_ROOT.parent
+PRESETS_DIR = APP_ROOT / "configs"
+
+QUANTIZATIONS = (0, 4, 8)
+DTYPES = ("float32", "bfloat16", "float16")
+DATASET_FORMATS = ("general-nlp", "finance", "medical", "code", "alpaca")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot work; the message names the key."""
+
+    def __init__(self, key: str, value: Any, problem: str):
+        self.key = key
+        super().__init__(f"run config `{key}` = {value!r}: {problem}")
+
+
+def _key(section: Any, field_name: str) -> str:
+    return section.PREFIX + field_name.replace("_", "-")
+
+
+def _require(section: Any, field_name: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(_key(section, field_name), getattr(section, field_name), problem)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA or DoRA adapter settings (PEFT's ``LoraConfig``)."""
+
+    PREFIX: ClassVar[str] = "model.lora."
+    peft_lora_r: int
+    peft_lora_alpha: float
+    peft_lora_dropout: float
+    target_modules: str  # comma-separated; "" lets PEFT pick its default for the architecture
+    use_dora: bool
+
+    def __post_init__(self) -> None:
+        _require(self, "peft_lora_r", self.peft_lora_r > 0, "the rank must be a positive integer")
+        _require(self, "peft_lora_alpha", self.peft_lora_alpha > 0, "alpha must be positive")
+        _require(self, "peft_lora_dropout", 0 <= self.peft_lora_dropout < 1, "allowed: 0 <= dropout < 1")
+        modules = self.target_modules.split(",")
+        _require(
+            self,
+            "target_modules",
+            not self.target_modules or all(m.strip() for m in modules),
+            "expected comma-separated module names such as 'q_proj,v_proj', or '' for PEFT's default",
+        )
+
+    @property
+    def target_module_names(self) -> list[str] | None:
+        return [m.strip() for m in self.target_modules.split(",")] if self.target_modules else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: where it comes from, how it is quantized and placed, and its adapter."""
+
+    PREFIX: ClassVar[str] = "model."
+    name: str
+    quantization: int
+    dtype: str
+    device_map: str  # "auto": the GPU Flower/Ray assigned when there is one, else the CPU
+    gradient_checkpointing: bool
+    lora: LoraSettings
+
+    def __post_init__(self) -> None:
+        _require(self, "name", bool(self.name.strip()), "a Hub id, a local directory or 'builtin:<name>'")
+        _require(
+            self, "quantization", self.quantization in QUANTIZATIONS, f"allowed: {', '.join(map(str, QUANTIZATIONS))}"
+        )
+        _require(self, "dtype", self.dtype in DTYPES, f"allowed: {', '.join(DTYPES)}")
+        _require(self, "device_map", bool(self.device_map), "allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """The subset of ``trl.SFTConfig`` a recipe sets; everything else keeps TRL's default."""
+
+    PREFIX: ClassVar[str] = "train.training-arguments."
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    optim: str
+    weight_decay: float
+    max_grad_norm: float
+    logging_steps: int
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+            _require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        _require(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _require(self, "max_grad_norm", self.max_grad_norm > 0, "must be > 0")
+        _require(self, "optim", bool(self.optim), "a transformers optimizer name such as 'adamw_torch'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training and the learning-rate schedule across rounds."""
+
+    PREFIX: ClassVar[str] = "train."
+    save_every_round: int
+    learning_rate_max: float
+    learning_rate_min: float
+    seq_length: int
+    seed: int
+    training_arguments: TrainingArguments
+
+    def __post_init__(self) -> None:
+        _require(self, "save_every_round", self.save_every_round > 0, "must be a positive integer")
+        _require(self, "seq_length", self.seq_length > 0, "must be a positive integer")
+        _require(self, "learning_rate_min", self.learning_rate_min >= 0, "must be >= 0")
+        _require(
+            self,
+            "learning_rate_max",
+            self.learning_rate_max >= self.learning_rate_min and math.isfinite(self.learning_rate_max),
+            f"must be >= train.learning-rate-min ({self.learning_rate_min})",
+        )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Which nodes train each round and how long the server waits for them."""
+
+    PREFIX: ClassVar[str] = "strategy."
+    fraction_train: float
+    min_train_nodes: int
+    round_timeout: float  # seconds; LLM rounds can outlast Flower's one-hour default
+
+    def __post_init__(self) -> None:
+        _require(self, "fraction_train", 0 < self.fraction_train <= 1, "allowed: 0 < fraction <= 1")
+        _require(self, "min_train_nodes", self.min_train_nodes >= 1, "must be >= 1")
+        _require(self, "round_timeout", self.round_timeout > 0, "seconds, must be > 0")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The instruction dataset, fixed per challenge by the leaderboard (``[tool.flwr.app.config.static]``)."""
+
+    PREFIX: ClassVar[str] = "static.dataset."
+    name: str  # a Hub id, a local .json/.jsonl/.parquet/.csv file, or 'builtin:<name>'
+    format: str
+
+    def __post_init__(self) -> None:
+        _require(self, "name", bool(self.name.strip()), "a Hub id, a local data file or 'builtin:<name>'")
+        _require(self, "format", self.format in DATASET_FORMATS, f"unknown challenge; allowed: {', '.join(DATASET_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    PREFIX: ClassVar[str] = "output."
+    dir: str
+
+    @property
+    def root(self) -> Path:
+        """Absolute, because Flower runs the ServerApp in the SuperLink's working directory, not the app's."""
+        return Path(self.dir).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    PREFIX: ClassVar[str] = ""
+    preset: str
+    num_server_rounds: int
+    model: ModelConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    dataset: DatasetConfig
+    output: OutputConfig
+
+    def __post_init__(self) -> None:
+        _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")
+
+
+def _build(cls: type, flat: Mapping[str, Any], used: set[str]) -> Any:
+    """Construct ``cls`` from the keys under its prefix, converting and type-checking each value."""
+    hints = get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = _build(kind, flat, used)
+            continue
+        key = _key(cls, field.name)
+        if key not in flat:
+            raise ConfigError(key, None, "missing from the run config")
+        used.add(key)
+        values[field.name] = _coerce(key, flat[key], kind)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML writes 1 for 1.0 and users write "1e-4" in shells; accept what is unambiguous, reject the rest.
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(key, value, f"expected {kind.__name__}, got {type(value).__name__}")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def default_run_config() -> dict[str, Any]:
+    """The app's defaults, flat, exactly as Flower reads them from ``pyproject.toml``."""
+    with (APP_ROOT / "pyproject.toml").open("rb") as f:
+        return _flatten(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Flat keys of a preset TOML: a path, or a name under ``configs/`` with or without ``.toml``."""
+    candidates = [Path(name).expanduser(), PRESETS_DIR / name, PRESETS_DIR / f"{name}.toml"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        available = sorted(str(p.relative_to(PRESETS_DIR).with_suffix("")) for p in PRESETS_DIR.rglob("*.toml"))
+        raise ConfigError("preset", name, f"no such preset; available: {', '.join(available)}")
+    with path.open("rb") as f:
+        return _flatten(tomllib.load(f))
+
+
+def resolve_preset(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Layer ``defaults < preset < explicit overrides``.
+
+    Flower merges ``--run-config`` into the defaults before the app sees them and refuses a TOML file
+    next to key=value pairs, so ``preset='<name>'`` is how a user takes a recipe and changes one key.
+    A key whose value differs from its default counts as set by the user and wins over the preset;
+    a key set back to exactly its default cannot be told apart from one never set, so the preset wins there.
+    """
+    flat = dict(flat)
+    preset_name = flat.get("preset", "")
+    if not preset_name:
+        return flat
+    defaults = default_run_config()
+    preset = load_preset(preset_name)
+    unknown = sorted(set(preset) - set(defaults))
+    if unknown:
+        raise ConfigError(unknown[0], preset[unknown[0]], f"unknown key in preset '{preset_name}'")
+    for key, value in preset.items():
+        if key == "preset":
+            continue
+        if key not in flat or flat[key] == defaults.get(key):
+            flat[key] = value
+    return flat
+
+
+def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Turn Flower's flat ``context.run_config`` into a validated :class:`RunConfig`."""
+    flat = resolve_preset(flat)
+    used: set[str] = set()
+    config = _build(RunConfig, flat, used)
+    unknown = sorted(set(flat) - used)
+    if unknown:
+        raise ConfigError(unknown[0], flat[unknown[0]], "unknown key")
+    return config
+
+
+def to_flat_dict(config: Any) -> dict[str, Any]:
+    """The inverse of :func:`parse_run_config`: flat dotted keys, for logs and the run directory."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value))
+        else:
+            flat[_key(config, field.name)] = value
+    return flat

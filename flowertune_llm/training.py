@@ -1,0 +1,127 @@
+"""One round of local supervised fine-tuning with TRL, at the learning rate the server chose."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+
+from flowertune_llm.config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Paging moves optimizer state between GPU and host memory; without a GPU the unpaged twin does the same math.
+_UNPAGED = {
+    "paged_adamw_8bit": "adamw_8bit",
+    "paged_adamw_32bit": "adamw_torch",
+    "paged_lion_8bit": "lion_8bit",
+    "paged_lion_32bit": "lion_32bit",
+    "paged_ademamix_8bit": "ademamix_8bit",
+    "paged_ademamix_32bit": "ademamix",
+}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    train_loss: float
+    num_examples: int  # the partition size: FedAvg's weight for this client
+    steps: int
+    tokens: int
+    seconds: float  # inside trainer.train(): the optimizer steps and their data loading
+
+
+def optimizer_name(optim: str, on_gpu: bool) -> str:
+    if on_gpu or optim not in _UNPAGED:
+        return optim
+    return _UNPAGED[optim]
+
+
+def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, server_round: int, output_dir: str) -> SFTConfig:
+    args = train.training_arguments
+    on_gpu = torch.cuda.is_available() and model.device_map != "cpu"
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The server's schedule moves the rate between rounds; within a round it stays put.
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim=optimizer_name(args.optim, on_gpu),
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        max_length=train.seq_length,
+        completion_only_loss=True,
+        gradient_checkpointing=model.gradient_checkpointing,
+        bf16=on_gpu and model.dtype == "bfloat16",
+        fp16=on_gpu and model.dtype == "float16",
+        use_cpu=not on_gpu,
+        # A new seed each round, so a client sees a fresh sample of its partition instead of the same batches.
+        seed=train.seed + server_round,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+    )
+
+
+_scratch_dir = tempfile.TemporaryDirectory(prefix="flowertune-llm-trainer-")
+# TRL tokenizes a prompt/completion dataset when a trainer is built; keep the result for later rounds.
+_tokenized: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
+
+
+def _remove_input_require_grads_hooks(model: PeftModel) -> None:
+    # Every trainer built with gradient checkpointing adds a forward hook on the input embeddings and never
+    # removes it; across hundreds of rounds they pile up.
+    hooks = model.get_input_embeddings()._forward_hooks
+    for handle_id, hook in list(hooks.items()):
+        if getattr(hook, "__name__", "") in ("make_inputs_require_grad", "make_inputs_require_grads"):
+            del hooks[handle_id]
+
+
+def train_round(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    train: TrainConfig,
+    model_config: ModelConfig,
+    learning_rate: float,
+    server_round: int,
+) -> RoundResult:
+    cache_key = (id(dataset), train.seq_length)
+    cached = _tokenized.get(cache_key)
+    train_dataset = cached[1] if cached and cached[0] is dataset else dataset
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(train, model_config, learning_rate, server_round, _scratch_dir.name),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    _tokenized[cache_key] = (dataset, trainer.train_dataset)
+    # SFTTrainer casts a quantized model's adapter to bf16; the federation exchanges and averages float32.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    _remove_input_require_grads_hooks(model)
+    return RoundResult(
+        train_loss=float(output.training_loss),
+        num_examples=len(dataset),
+        steps=trainer.state.global_step,
+        tokens=int(trainer.state.num_input_tokens_seen),
+        seconds=seconds,
+    )
