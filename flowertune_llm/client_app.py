@@ -46,7 +46,12 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(models.get_adapter_state(model)),
             "metrics": MetricRecord(
-                {"train_loss": result.train_loss, "num-examples": result.num_examples, "num-tokens": result.tokens}
+                {
+                    "train_loss": result.train_loss,
+                    "num-examples": result.num_examples,
+                    "num-tokens": result.tokens,
+                    "step-seconds": result.step_seconds,
+                }
             ),
         }
     )

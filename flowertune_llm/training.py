@@ -7,10 +7,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import datasets
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from flowertune_llm.config import ModelConfig, TrainConfig
@@ -34,7 +35,22 @@ class RoundResult:
     num_examples: int  # the partition size: FedAvg's weight for this client
     steps: int
     tokens: int
-    seconds: float  # inside trainer.train(): the optimizer steps and their data loading
+    seconds: float  # the whole of trainer.train(): set-up, batches and optimizer steps
+    step_seconds: float  # the optimizer steps alone (forward, backward, update), summed
+
+
+class _StepTimer(TrainerCallback):
+    """Sums the time between each step's begin and end: what a round spends on the math itself."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._started
 
 
 def optimizer_name(optim: str, on_gpu: bool) -> str:
@@ -60,7 +76,7 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
         max_grad_norm=args.max_grad_norm,
         max_length=train.seq_length,
         completion_only_loss=True,
-        gradient_checkpointing=model.gradient_checkpointing,
+        activation_checkpointing=model.gradient_checkpointing,
         bf16=on_gpu and model.dtype == "bfloat16",
         fp16=on_gpu and model.dtype == "float16",
         use_cpu=not on_gpu,
@@ -75,6 +91,7 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
     )
 
 
+datasets.disable_progress_bars()
 _scratch_dir = tempfile.TemporaryDirectory(prefix="flowertune-llm-trainer-")
 # TRL tokenizes a prompt/completion dataset when a trainer is built; keep the result for later rounds.
 _tokenized: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
@@ -108,6 +125,10 @@ def train_round(
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
+    # The round's loss is reported once by the caller; per-step dict prints would drown the federation's log.
+    trainer.remove_callback(PrinterCallback)
+    step_timer = _StepTimer()
+    trainer.add_callback(step_timer)
     _tokenized[cache_key] = (dataset, trainer.train_dataset)
     # SFTTrainer casts a quantized model's adapter to bf16; the federation exchanges and averages float32.
     for param in model.parameters():
@@ -124,4 +145,5 @@ def train_round(
         steps=trainer.state.global_step,
         tokens=int(trainer.state.num_input_tokens_seen),
         seconds=seconds,
+        step_seconds=step_timer.seconds,
     )

@@ -5,24 +5,26 @@ Usage::
     with simulation_superlink(tmp_path) as link:
         result = link.run_app(APP_DIR, run_config="num-rounds=1",
                               federation_config="num-supernodes=3 client-resources-num-cpus=1")
-        assert result.ok, result.output
+        assert result.ok  # check=True (default) already raised RunFailed otherwise
         outputs = some_dir / str(result.run_id)
 
 Facts this module relies on (read from flwr 1.41.0 and tried on a 2-core machine):
 
 * `flower-superlink --simulation --insecure --host 127.0.0.1 --port P` serves the
   Control, Fleet and Runtime ("serverappio") APIs as HTTP on the single port P, with
-  `GET /health` for readiness. `--control-api-address`, `--fleet-api-address` and
-  `--serverappio-api-address` are deprecated or refused. It spawns `flower-superexec`,
+  `GET /health` for readiness. `--control-api-address`, `--fleet-api-address` are
+  deprecated and `--serverappio-api-address` is refused. It spawns `flower-superexec`,
   which spawns one `flwr-simulation` per run, which starts Ray. Both are launched by
   bare command name, so PATH must contain the bin dir of the flwr installation.
 * The superlink starts `flower-superexec` with `start_new_session=True`, so superexec,
   `flwr-simulation` and all Ray processes live in a *different* session and process
   group: killing the superlink's process group misses them. After a SIGTERM to the
-  superlink, orphaned Ray agents (DashboardAgent, RuntimeEnvAgent) stayed alive for
-  good and ignored SIGTERM. Hence we tag every process with a unique environment
-  variable (inherited all the way down to Ray workers), find them in /proc, and signal
-  them by PID: SIGTERM, then SIGKILL after a grace period.
+  superlink alone, orphaned Ray agents (DashboardAgent, RuntimeEnvAgent) stayed alive
+  for good, re-parented to PID 1, and ignored SIGTERM. So teardown finds processes in
+  /proc and signals them by PID (SIGTERM, then SIGKILL after a grace period): those
+  whose environment carries a per-superlink token, plus every member of their sessions,
+  because Ray processes that set their title (`ray::DashboardAgent`) blank their
+  /proc/PID/environ. The `flwr` CLI calls get no token: they run in pytest's session.
 * A CLI connection is `[superlink.<name>]` in `$FLWR_HOME/config.toml` with
   `address = "host:port"` and `insecure = true` (keys: address, root-certificates,
   insecure, federation; `options.*` is deprecated). An explicit address makes the CLI
@@ -59,20 +61,32 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "harness"
-# Inherited by every process the superlink starts; it is how teardown finds them.
+# Set only in the superlink's environment and inherited by everything it starts.
 MARKER_VAR = "FLOWER_HARNESS_TOKEN"
 _BIN = Path(sys.executable).parent  # where pip put flwr's console scripts
 
 
 class FlowerHarnessError(RuntimeError):
     """The superlink or a `flwr` CLI call misbehaved (not the app itself)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: int
+    status: str  # "finished:completed", "finished:failed" or "finished:stopped"
+    details: str  # `status-details` from `flwr ls`: the exception message on failure
+    output: str  # the run's log (ServerApp and ClientApp output) from `flwr log`
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
 
 
 class RunFailed(AssertionError):
@@ -86,16 +100,27 @@ class RunFailed(AssertionError):
         self.result = result
 
 
-@dataclass(frozen=True)
-class RunResult:
-    run_id: int
-    status: str  # e.g. "finished:completed", "finished:failed", "finished:stopped"
-    details: str  # `status-details` from `flwr ls`: the exception message on failure
-    output: str  # the run's log (ServerApp and ClientApp output) from `flwr log`
+class _Processes:
+    """The superlink and everything it started, directly or not, even once orphaned."""
 
-    @property
-    def ok(self) -> bool:
-        return self.status == "finished:completed"
+    def __init__(self, token: str) -> None:
+        self.needle = f"{MARKER_VAR}={token}".encode()
+        # Sessions our processes live in (the superlink's and superexec's). Remembered so
+        # members are found after the tagged leader is gone; Linux does not hand out a
+        # PID again while it still names a live session.
+        self.sids: set[int] = set()
+
+    def scan(self) -> set[int]:
+        found, own_sid = set(), os.getsid(0)
+        for pid, sid, environ in _proc_table():
+            if sid == own_sid:  # pytest's own session: never ours to kill
+                continue
+            if self.needle in environ.split(b"\0"):
+                self.sids.add(sid)
+                found.add(pid)
+            elif sid in self.sids:
+                found.add(pid)
+        return found
 
 
 @dataclass(frozen=True)
@@ -105,7 +130,8 @@ class SuperLinkHandle:
     address: str  # host:port of the superlink's HTTP APIs
     log_path: Path  # superlink stdout+stderr
     workdir: Path  # cwd of the ServerApp/ClientApps: relative outputs land here
-    token: str  # value of MARKER_VAR in every process this superlink started
+    pid: int  # the flower-superlink process
+    _procs: _Processes
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a `flwr` CLI command against this superlink; raise if it exits non-zero."""
@@ -128,9 +154,9 @@ class SuperLinkHandle:
         timeout: float = 600,
         check: bool = True,
     ) -> RunResult:
-        """Submit `app_dir`, wait for the run to finish and return its id, status and log.
+        """Submit `app_dir`, wait for the run to finish, return its id, status and log.
 
-        With `check=True` a run that did not complete raises `RunFailed`; a run still
+        With `check=True` a run that did not complete raises `RunFailed`. A run still
         going after `timeout` seconds is stopped and raises `FlowerHarnessError`.
         """
         deadline = time.monotonic() + timeout
@@ -152,21 +178,19 @@ class SuperLinkHandle:
             streamed = self.flwr(
                 "log", str(run_id), self.connection, "--stream",
                 timeout=max(1.0, deadline - time.monotonic()),
-            )
+            )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             with contextlib.suppress(Exception):
                 self.flwr("stop", str(run_id), self.connection, timeout=30)
-            partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            partial = exc.stdout or b""  # bytes even with text=True
             raise FlowerHarnessError(
                 f"run {run_id} still running after {timeout:.0f}s; stopped it\n"
-                f"--- run log (tail) ---\n{_tail(partial)}\n"
+                f"--- run log (tail) ---\n{_tail(_text(partial))}\n"
                 f"--- superlink log (tail) ---\n{self.log_tail()}"
             ) from None
 
-        listed = json.loads(
-            self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json").stdout
-        )
-        run = listed["runs"][0]
+        listed = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        run = json.loads(listed.stdout)["runs"][0]
         result = RunResult(run_id, run["status"], run["status-details"], streamed.stdout)
         if check and not result.ok:
             raise RunFailed(result)
@@ -176,96 +200,79 @@ class SuperLinkHandle:
         return _tail(self.log_path.read_text(errors="replace"), lines)
 
     def pids(self) -> set[int]:
-        """Live processes started (directly or not) by this superlink."""
-        return marked_pids(self.token)
+        """Live processes of this superlink: itself, superexec, flwr-simulation, Ray."""
+        return self._procs.scan()
 
 
 @contextlib.contextmanager
 def simulation_superlink(
     tmp_path: Path, startup_timeout: float = 60, grace: float = 10
 ) -> Iterator[SuperLinkHandle]:
-    """Start our own `flower-superlink --simulation` and stop all it started on exit.
+    """Start our own `flower-superlink --simulation`; on exit stop all it started.
 
-    Everything lives in a fresh directory under `tmp_path` (FLWR_HOME, cwd, log), so the
-    context manager can be used several times with the same `tmp_path`.
+    Everything lives in a fresh directory under `tmp_path` (FLWR_HOME, cwd, log), so
+    this can be entered several times with the same `tmp_path`.
     """
     root = Path(tempfile.mkdtemp(prefix="superlink-", dir=tmp_path))
-    home, workdir = root / "flwr-home", root / "workdir"
+    home, workdir, log_path = root / "flwr-home", root / "workdir", root / "superlink.log"
     home.mkdir()
     workdir.mkdir()
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    token = uuid.uuid4().hex
+    address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
-        "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # superexec, flwr-simulation
+        "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # Otherwise every run `uv sync`s the app's dependencies: slow, fails offline.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        MARKER_VAR: token,
     }
-    # Our connection is also the default, so a stray `flwr ls` can never start `:local:`.
+    env.pop(MARKER_VAR, None)  # in case pytest itself runs under another harness
+    # Our connection is also the default, so a bare `flwr ls` can never start `:local:`.
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
     )
-    handle = SuperLinkHandle(env, CONNECTION, address, root / "superlink.log", workdir, token)
+    token = uuid.uuid4().hex
+    procs = _Processes(token)
     cmd = [
         _exe("flower-superlink"), "--simulation", "--insecure",
         "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
     ]  # fmt: skip
-    with handle.log_path.open("wb") as log_file:
+    with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            cmd, cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in pytest must not hit it before teardown
+            cmd, cwd=workdir, env={**env, MARKER_VAR: token},
+            stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in pytest must not reach it before teardown
         )  # fmt: skip
+        handle = SuperLinkHandle(env, CONNECTION, address, log_path, workdir, proc.pid, procs)
         try:
             _wait_healthy(proc, handle, startup_timeout)
+            procs.scan()  # note superexec's session now, while it is surely alive
             yield handle
         finally:
-            _terminate(proc, token, grace)
+            _terminate(proc, procs, grace)
 
 
-def marked_pids(token: str) -> set[int]:
-    """PIDs whose environment holds MARKER_VAR=token (zombies have none: already dead)."""
-    needle = f"{MARKER_VAR}={token}".encode()
-    found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = Path(entry.path, "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if needle in environ.split(b"\0"):
-            found.add(int(entry.name))
-    return found
-
-
-def _terminate(proc: subprocess.Popen[bytes], token: str, grace: float) -> None:
-    # Several passes: superexec may launch a new flwr-simulation while we are killing.
+def _terminate(proc: subprocess.Popen[bytes], procs: _Processes, grace: float) -> None:
+    # Several passes: superexec may launch a flwr-simulation while we are killing.
     for _ in range(3):
-        pids = marked_pids(token) | ({proc.pid} if proc.poll() is None else set())
+        pids = procs.scan() | ({proc.pid} if proc.poll() is None else set())
         if not pids:
             break
         _signal(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap our own child so it does not linger as a zombie
-            if not (marked_pids(token) & pids):
-                break
+        while procs.scan() & pids and time.monotonic() < deadline:
+            proc.poll()  # reap our own child, or it stays a zombie until we exit
             time.sleep(0.1)
-        stubborn = marked_pids(token) & pids
-        if stubborn:  # e.g. Ray's DashboardAgent/RuntimeEnvAgent ignore SIGTERM
+        if stubborn := procs.scan() & pids:  # e.g. Ray agents ignore SIGTERM
             log.info("SIGKILL after %.0fs: %s", grace, sorted(stubborn))
             _signal(stubborn, signal.SIGKILL)
             time.sleep(0.2)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    if left := marked_pids(token):
+    if left := procs.scan():
         raise FlowerHarnessError(f"processes survived teardown: {sorted(left)}")
 
 
@@ -273,6 +280,22 @@ def _signal(pids: set[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _proc_table() -> Iterator[tuple[int, int, bytes]]:
+    """(pid, session id, environ) of every live, readable, non-zombie process."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        # Fields after "(comm)": state, ppid, pgrp, session, ...; comm may hold spaces.
+        state, _ppid, _pgrp, sid = stat.rsplit(")", 1)[1].split()[:4]
+        if state != "Z":  # a zombie has exited already; its parent reaps it
+            yield int(entry.name), int(sid), environ
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], handle: SuperLinkHandle, timeout: float) -> None:
@@ -297,9 +320,13 @@ def _free_port() -> int:
 
 
 def _exe(name: str) -> str:
-    # Prefer the scripts of the interpreter running pytest: PATH may not have its venv.
+    # Prefer the scripts of the interpreter running pytest: PATH may lack its venv.
     path = _BIN / name
     return str(path) if path.exists() else name
+
+
+def _text(data: str | bytes) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 def _tail(text: str, lines: int = 60) -> str:
