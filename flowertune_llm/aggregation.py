@@ -51,8 +51,8 @@ class WeightedMean:
     def result(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise ValueError("no state was added")
-        scale = np.float32(1.0 / self.total_weight)
-        return {k: (acc * scale).astype(self._reference[k][1]) for k, acc in self._sum.items()}
+        total = np.float32(self.total_weight)  # divide, not multiply by 1/total: one rounding, not two
+        return {k: (acc / total).astype(self._reference[k][1]) for k, acc in self._sum.items()}
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> dict[str, np.ndarray]:

@@ -46,15 +46,16 @@ def device_map(config: ModelConfig) -> str | dict[str, int]:
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
 
 
-def quantization_config(config: ModelConfig) -> BitsAndBytesConfig | None:
-    if config.quantization == 4:
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """QLoRA's NF4 with double quantization for 4 bits, LLM.int8() for 8, None for an unquantized model."""
+    if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(config),
+            bnb_4bit_compute_dtype=compute_dtype,
         )
-    if config.quantization == 8:
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -110,7 +111,7 @@ def load_base_model(config: ModelConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(config.name),
         dtype=torch_dtype(config),
-        quantization_config=quantization_config(config),
+        quantization_config=quantization_config(config.quantization, torch_dtype(config)),
         device_map=device_map(config),
     )
     if config.quantization:

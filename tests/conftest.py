@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated cache for built-in models and small run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowertune_llm.config import RunConfig, default_run_config, parse_run_config
+
+# Built-in models are built once per test session into a private cache, never into the user's home.
+os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flowertune-llm-test-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY = {
+    "model.name": "builtin:tiny-llama",
+    "model.quantization": 0,
+    "model.dtype": "float32",
+    "model.gradient-checkpointing": False,
+    "model.lora.peft-lora-r": 4,
+    "model.lora.peft-lora-alpha": 8,
+    "model.lora.peft-lora-dropout": 0.0,
+    "model.lora.target-modules": "q_proj,v_proj",
+    "train.seq-length": 96,
+    "train.training-arguments.per-device-train-batch-size": 4,
+    "train.training-arguments.max-steps": 2,
+    "train.training-arguments.optim": "adamw_torch",
+    "static.dataset.name": "builtin:instructions",
+    "static.dataset.format": "alpaca",
+}
+
+
+def make_config(**overrides: Any) -> RunConfig:
+    """The app defaults with the tiny built-in model, plus ``overrides`` given as dotted keys."""
+    flat = default_run_config()
+    flat.update(TINY)
+    flat.update(overrides)
+    return parse_run_config(flat)
+
+
+@pytest.fixture
+def tiny_config() -> RunConfig:
+    return make_config()
