@@ -12,11 +12,14 @@ allowed, so a bad run stops before any model or dataset is loaded.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, get_type_hints
+
+log = logging.getLogger(f"flwr.{__name__}")  # a child of Flower's logger, so `flwr log` shows it
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 APP_ROOT = PACKAGE_ROOT.parent
@@ -242,14 +245,21 @@ def default_run_config() -> dict[str, Any]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """Flat keys of a preset TOML: a path, or a name under ``configs/`` with or without ``.toml``."""
-    candidates = [Path(name).expanduser(), PRESETS_DIR / name, PRESETS_DIR / f"{name}.toml"]
+    """Flat keys of a preset TOML: a name under ``configs/`` (with or without ``.toml``), else a file path.
+
+    Names are looked up in ``configs/`` first: Flower runs the apps in the SuperLink's working directory,
+    where a stray file must not shadow a recipe.
+    """
+    candidates = [PRESETS_DIR / f"{name}.toml", PRESETS_DIR / name, Path(name).expanduser()]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         available = sorted(str(p.relative_to(PRESETS_DIR).with_suffix("")) for p in PRESETS_DIR.rglob("*.toml"))
         raise ConfigError("preset", name, f"no such preset; available: {', '.join(available)}")
-    with path.open("rb") as f:
-        return _flatten(tomllib.load(f))
+    try:
+        with path.open("rb") as f:
+            return _flatten(tomllib.load(f))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("preset", name, f"{path} is not valid TOML: {error}") from None
 
 
 def resolve_preset(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,12 +279,24 @@ def resolve_preset(flat: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(preset) - set(defaults))
     if unknown:
         raise ConfigError(unknown[0], preset[unknown[0]], f"unknown key in preset '{preset_name}'")
+    kept = []
     for key, value in preset.items():
         if key == "preset":
             continue
         if key not in flat or flat[key] == defaults.get(key):
             flat[key] = value
+        elif flat[key] != value:
+            kept.append(f"{key}={flat[key]!r}")
+    message = f"Preset '{preset_name}' sets {len(preset)} keys" + (
+        f"; overridden on the command line: {', '.join(kept)}" if kept else ""
+    )
+    if message not in _announced:  # clients parse the config every round; say it once per process
+        _announced.add(message)
+        log.info(message)
     return flat
+
+
+_announced: set[str] = set()
 
 
 def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
