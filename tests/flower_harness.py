@@ -43,8 +43,8 @@ Facts this module relies on (read from flwr 1.41.0 and tried on a 2-core machine
   `flwr ls --run-id RUN_ID --format json` (status `finished:completed|failed|stopped`
   plus `status-details`, e.g. the ServerApp's exception message).
 * The ServerApp and ClientApps run with the superlink's cwd: `SuperLinkHandle.workdir`.
-* Ray itself still uses /tmp/ray and fixed default ports (dashboard 8265), so do not run
-  two simulations at once (e.g. under pytest-xdist).
+* Ray still keeps its sessions under /tmp/ray. Two simulations at once (another
+  superlink's run beside ours) both completed here, but they share the CPUs.
 """
 
 from __future__ import annotations
@@ -305,10 +305,10 @@ def _wait_healthy(proc: subprocess.Popen[bytes], handle: SuperLinkHandle, timeou
             raise FlowerHarnessError(
                 f"flower-superlink exited with {proc.returncode}\n{handle.log_tail()}"
             )
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://{handle.address}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
+        url = f"http://{handle.address}/health"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.1)
     raise FlowerHarnessError(f"flower-superlink not healthy after {timeout}s\n{handle.log_tail()}")
 
