@@ -16,13 +16,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = parse_run_config(context.run_config)
-    partition_id, num_partitions = data.node_partition(context.node_config)
     round_config = msg.content["config"]
     server_round = int(round_config["server-round"])
 
     model, tokenizer, _ = models.cached_peft_model(config.model)
     models.set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    dataset = data.load_partition(config.dataset, partition_id, num_partitions)
+    dataset = data.load_node_dataset(config.dataset, context.node_config)
 
     result = training.train_round(
         model,
@@ -34,11 +33,11 @@ def train(msg: Message, context: Context) -> Message:
         server_round=server_round,
     )
     log.info(
-        "Round %d, partition %d: train_loss %.4f over %d steps (%d tokens, %.1f s)",
+        "Round %d: train_loss %.4f over %d steps on %d examples (%d tokens, %.1f s)",
         server_round,
-        partition_id,
         result.train_loss,
         result.steps,
+        result.num_examples,
         result.tokens,
         result.seconds,
     )

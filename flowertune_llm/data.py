@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from datasets import Dataset
 from flwr_datasets import FederatedDataset
@@ -117,11 +117,46 @@ def load_partition(config: DatasetConfig, partition_id: int, num_partitions: int
     return _partitions[key]
 
 
-def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
+class NodeConfigError(ValueError):
+    """A SuperNode's ``--node-config`` cannot work; the message names the key and, for files, the path."""
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` from a node's config, with an error naming a missing key."""
     values = []
     for key in ("partition-id", "num-partitions"):
         if key not in node_config:
-            raise KeyError(f"node config lacks '{key}' (set it with --node-config \"partition-id=0 num-partitions=2\")")
+            raise NodeConfigError(
+                f"node config lacks '{key}': set it with --node-config \"partition-id=0 num-partitions=2\", "
+                "or name the node's own data with --node-config \"dataset-path='/data/train.jsonl'\""
+            )
         values.append(int(node_config[key]))
     return values[0], values[1]
+
+
+_local: dict[tuple[str, str], Dataset] = {}
+
+
+def load_node_dataset(config: DatasetConfig, node_config: Mapping[str, Any]) -> Dataset:
+    """The data this node trains on, formatted.
+
+    A data owner's own file (``dataset-path``, optionally ``dataset-format``, in the node config) is used
+    whole; without one the node takes its IID partition of ``static.dataset.name``.
+    """
+    if "dataset-path" not in node_config:
+        return load_partition(config, *node_partition(node_config))
+    path = Path(str(node_config["dataset-path"])).expanduser().resolve()
+    format_name = str(node_config.get("dataset-format", config.format))
+    if format_name not in FORMATS:
+        raise NodeConfigError(f"node config dataset-format='{format_name}': allowed: {', '.join(FORMATS)}")
+    if path.suffix not in LOCAL_FORMATS:
+        raise NodeConfigError(f"node config dataset-path='{path}': allowed suffixes: {', '.join(LOCAL_FORMATS)}")
+    if not path.is_file():
+        raise NodeConfigError(f"node config dataset-path='{path}': no such file")
+    key = (str(path), format_name)
+    if key not in _local:
+        from datasets import load_dataset
+
+        raw = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        _local[key] = format_dataset(raw, DatasetConfig(str(path), format_name))
+    return _local[key]

@@ -6,7 +6,14 @@ import pytest
 from datasets import Dataset
 
 from flowertune_llm.config import ConfigError, DatasetConfig
-from flowertune_llm.data import check_local_dataset, format_dataset, load_partition, node_partition
+from flowertune_llm.data import (
+    NodeConfigError,
+    check_local_dataset,
+    format_dataset,
+    load_node_dataset,
+    load_partition,
+    node_partition,
+)
 from flowertune_llm.templates import ALPACA_PREAMBLE
 
 # One record shaped like each challenge's training set (same columns, similar content, our own words).
@@ -133,5 +140,30 @@ def test_partition_id_out_of_range():
 
 def test_node_config_missing_a_key_is_named():
     assert node_partition({"partition-id": 1, "num-partitions": 4}) == (1, 4)
-    with pytest.raises(KeyError, match="num-partitions"):
+    with pytest.raises(NodeConfigError, match="lacks 'num-partitions'"):
         node_partition({"partition-id": 1})
+
+
+def test_a_node_trains_on_its_own_file_when_its_config_names_one(tmp_path):
+    path = tmp_path / "clinic.jsonl"
+    _write(path, [MEDICAL, {**MEDICAL, "input": "Where is bile stored?"}])
+    shared = DatasetConfig("builtin:instructions", "alpaca")
+    own = load_node_dataset(shared, {"dataset-path": str(path), "dataset-format": "medical"})
+    assert len(own) == 2 and "Where is bile stored?" in own[1]["prompt"]
+    # Without dataset-format the run's format applies; without dataset-path, the node's partition.
+    assert load_node_dataset(DatasetConfig("builtin:instructions", "medical"), {"dataset-path": str(path)})[0] == own[0]
+    assert len(load_node_dataset(shared, {"partition-id": 0, "num-partitions": 7})) == 100
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"dataset-path": "/nonexistent/clinic.jsonl"}, "dataset-path='/nonexistent/clinic.jsonl': no such file"),
+        ({"dataset-path": "/data/notes.txt"}, "allowed suffixes"),
+        ({"dataset-path": "/data/x.jsonl", "dataset-format": "poetry"}, "dataset-format='poetry'"),
+        ({"num-partitions": 2}, "lacks 'partition-id'"),
+    ],
+)
+def test_bad_node_config_names_the_key_and_path(node_config, message):
+    with pytest.raises(NodeConfigError, match=message):
+        load_node_dataset(DatasetConfig("builtin:instructions", "alpaca"), node_config)
