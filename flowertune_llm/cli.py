@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from flowertune_llm.templates import CHAT_TEMPLATES
 
@@ -19,8 +21,6 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flowertune_llm.inference import answer, load_adapter_model
     from flowertune_llm.templates import chat_template
 
@@ -32,12 +32,47 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a run id (looked up under the output directories) or a run directory")
+    parser.add_argument(
+        "--output-dir", action="append", default=[], type=Path, help="also look here (repeatable); "
+        "the default output.dir is always searched"
+    )  # fmt: skip
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--plot", type=Path, help="write a timeline and memory plot to this PNG")
+
+
+def profile(args: argparse.Namespace) -> int:
+    from flowertune_llm import profile_report
+    from flowertune_llm.config import OutputConfig, default_run_config
+
+    default_dir = OutputConfig(default_run_config()["output.dir"]).root
+    try:
+        run_dir = profile_report.find_run(args.run, [*args.output_dir, default_dir])
+    except profile_report.ProfileNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loaded = profile_report.load_profile(run_dir / profile_report.PROFILE_FILE)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = profile_report.summarize(loaded.events)
+    if args.format == "json":
+        print(json.dumps({"run_dir": str(run_dir), **summary}, indent=2))
+    else:
+        print(f"Run {run_dir}\n")
+        print(profile_report.format_tables(summary))
+    if args.plot:
+        print(f"Plot: {profile_report.plot(loaded.events, args.plot).resolve()}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowertune-llm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_chat_arguments(commands.add_parser("chat", help="answer a question with a base model and a trained adapter"))
+    add_profile_arguments(commands.add_parser("profile", help="where a profiled run's seconds, bytes and memory went"))
     args = parser.parse_args(argv)
-    return {"chat": chat}[args.command](args)
+    return {"chat": chat, "profile": profile}[args.command](args)
 
 
 if __name__ == "__main__":

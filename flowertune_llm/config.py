@@ -181,6 +181,12 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    PREFIX: ClassVar[str] = "profile."
+    enabled: bool  # record spans, memory and bytes per round and node into profile.jsonl
+
+
+@dataclass(frozen=True)
 class RunConfig:
     PREFIX: ClassVar[str] = ""
     preset: str
@@ -190,6 +196,7 @@ class RunConfig:
     strategy: StrategyConfig
     dataset: DatasetConfig
     output: OutputConfig
+    profile: ProfileConfig
 
     def __post_init__(self) -> None:
         _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")

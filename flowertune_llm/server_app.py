@@ -6,9 +6,10 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm import data, models
+from flowertune_llm import data, models, profile_report
 from flowertune_llm.checkpoint import RunDirectory
 from flowertune_llm.config import parse_run_config, to_flat_dict
+from flowertune_llm.profiling import OFF, PROFILE_FILE, Recorder
 from flowertune_llm.strategy import AdapterFedAvg
 
 log = logging.getLogger(f"flwr.{__name__}")
@@ -32,8 +33,15 @@ def main(grid: Grid, context: Context) -> None:
     del peft_model
     gc.collect()
 
-    strategy = AdapterFedAvg(config, run_dir, models.lora_config(config.model))
-    strategy.run(grid, initial_state)
+    profile = Recorder("server", run_dir.path / PROFILE_FILE) if config.profile.enabled else OFF
+    strategy = AdapterFedAvg(config, run_dir, models.lora_config(config.model), profile)
+    try:
+        strategy.run(grid, initial_state)
+    finally:
+        profile.close()
+    if profile.enabled:
+        summary = profile_report.write_summary(run_dir.path, profile.events)
+        log.info("Profile (flowertune-llm profile %s):\n%s", context.run_id, profile_report.format_tables(summary))
 
     losses = [f"{r.train_loss:.4f}" for r in strategy.history]
     log.info("Train loss by round: %s", ", ".join(losses))

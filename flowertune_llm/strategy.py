@@ -21,6 +21,7 @@ from peft import PeftConfig
 from flowertune_llm.aggregation import WeightedMean, weighted_average
 from flowertune_llm.checkpoint import RunDirectory
 from flowertune_llm.config import RunConfig
+from flowertune_llm.profiling import OFF, Recorder, events_from_reply
 from flowertune_llm.schedule import cosine_annealing
 
 log = logging.getLogger(f"flwr.{__name__}")  # a child of Flower's logger, so `flwr log` shows it
@@ -57,10 +58,13 @@ class RoundFailed(RuntimeError):
 
 
 class AdapterFedAvg:
-    def __init__(self, config: RunConfig, run_dir: RunDirectory, peft_config: PeftConfig):
+    def __init__(
+        self, config: RunConfig, run_dir: RunDirectory, peft_config: PeftConfig, profile: Recorder | type(OFF) = OFF
+    ):
         self.config = config
         self.run_dir = run_dir
         self.peft_config = peft_config
+        self.profile = profile
         self.history: list[RoundRecord] = []
         self._rng = random.Random(config.train.seed)
         self._budget_warned = False
@@ -80,49 +84,67 @@ class AdapterFedAvg:
                 ),
             )
             self.history.append(record)
-            start = time.monotonic()
-            try:
-                state = self._train_round(grid, state, record)
-            finally:
-                record.seconds = time.monotonic() - start
-                self.run_dir.save_history([asdict(r) for r in self.history])
-            self._log_round(record)
-            if server_round % self.config.train.save_every_round == 0 or server_round == num_rounds:
-                path = self.run_dir.save_checkpoint(server_round, state, self.peft_config)
-                log.info("Saved the round-%d adapter to %s", server_round, path)
+            self.profile.round = server_round
+            with self.profile.span("round"):
+                start = time.monotonic()
+                try:
+                    state = self._train_round(grid, state, record)
+                finally:
+                    record.seconds = time.monotonic() - start
+                    with self.profile.span("history"):
+                        self.run_dir.save_history([asdict(r) for r in self.history])
+                self._log_round(record)
+                if server_round % self.config.train.save_every_round == 0 or server_round == num_rounds:
+                    with self.profile.span("checkpoint"):
+                        path = self.run_dir.save_checkpoint(server_round, state, self.peft_config)
+                    log.info("Saved the round-%d adapter to %s", server_round, path)
+            self.profile.memory()
         return state
 
     def _train_round(self, grid: Grid, state: dict[str, np.ndarray], record: RoundRecord) -> dict[str, np.ndarray]:
-        strategy = self.config.strategy
-        record.nodes = self._sample_nodes(grid)
-        arrays = to_array_record(state)
-        content = RecordDict(
-            {
-                "arrays": arrays,
-                "config": ConfigRecord({"server-round": record.round, "learning-rate": record.learning_rate}),
-            }
-        )
-        messages = [
-            Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=strategy.round_timeout)
-            for node in record.nodes
-        ]
+        strategy, profile = self.config.strategy, self.profile
+        with profile.span("configure"):
+            record.nodes = self._sample_nodes(grid)
+            arrays = to_array_record(state)
+            content = RecordDict(
+                {
+                    "arrays": arrays,
+                    "config": ConfigRecord({"server-round": record.round, "learning-rate": record.learning_rate}),
+                }
+            )
+            messages = [
+                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=strategy.round_timeout)
+                for node in record.nodes
+            ]
+        with profile.span("send", messages=len(messages)):
+            pending = dict(zip(grid.push_messages(messages), record.nodes))
+        sent_at = time.perf_counter()
         # Every message carries the whole global adapter; counted per message since payloads may differ.
-        record.bytes_down = arrays.count_bytes() * len(messages)
-        pending = dict(zip(grid.push_messages(messages), record.nodes))
+        for node in record.nodes:
+            record.bytes_down += arrays.count_bytes()
+            profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": arrays.count_bytes()})
 
         mean = WeightedMean(state)
         losses, weights = [], []
         deadline = time.monotonic() + strategy.round_timeout
+        waited, wait_start = 0.0, time.time()
         while pending and time.monotonic() < deadline:
+            poll_start = time.perf_counter()
             replies = list(grid.pull_messages(list(pending)))
             if not replies:
                 time.sleep(_POLL_SECONDS)
+            waited += time.perf_counter() - poll_start
             for reply in replies:
                 node = pending.pop(reply.metadata.reply_to_message_id)
+                profile.emit(
+                    {"kind": "arrival", "node": node, "order": len(record.nodes) - len(pending),
+                     "seconds": time.perf_counter() - sent_at}
+                )  # fmt: skip
                 update = self._accept(reply, node, mean, record)
                 if update is not None:
                     losses.append(update[0])
                     weights.append(update[1])
+        profile.record_span("wait", waited, wait_start)
         for node in pending.values():
             self._leave_out(record, node, f"no reply within strategy.round-timeout={strategy.round_timeout:g}s")
 
@@ -132,7 +154,8 @@ class AdapterFedAvg:
                 f"{strategy.min_train_nodes}; left out: {record.failures or 'none'}"
             )
         record.train_loss = weighted_average(losses, weights)
-        return mean.result()
+        with profile.span("aggregate", step="finalize"):
+            return mean.result()
 
     def _accept(
         self, reply: Message, node: int, mean: WeightedMean, record: RoundRecord
@@ -147,17 +170,21 @@ class AdapterFedAvg:
             return None
         arrays, metrics = content["arrays"], content["metrics"]
         record.bytes_up += arrays.count_bytes()
+        for event in events_from_reply(content):
+            self.profile.emit({**event, "node": node, "round": record.round})
+        self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": arrays.count_bytes()})
         weight, loss = metrics.get("num-examples", 0), metrics.get("train_loss", float("nan"))
-        update = from_array_record(arrays)
-        problem = mean.mismatch(update)
-        if problem is None and not weight > 0:
-            problem = f"num-examples={weight}, must be > 0"
-        if problem is None and not np.isfinite(loss):
-            problem = f"train_loss={loss}"
-        if problem:
+        if not weight > 0 or not np.isfinite(loss):
+            self._leave_out(record, node, f"update rejected: num-examples={weight}, train_loss={loss}")
+            return None
+        with self.profile.span("decode", from_node=node):
+            update = from_array_record(arrays)
+        try:
+            with self.profile.span("aggregate", from_node=node):
+                mean.add(update, float(weight))  # checks names, shapes, dtypes and finiteness first
+        except ValueError as problem:
             self._leave_out(record, node, f"update rejected: {problem}")
             return None
-        mean.add(update, float(weight))
         record.aggregated.append(node)
         return float(loss), float(weight)
 

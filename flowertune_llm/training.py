@@ -35,6 +35,7 @@ class RoundResult:
     num_examples: int  # the partition size: FedAvg's weight for this client
     steps: int
     tokens: int
+    prepare_seconds: float  # building the trainer: tokenization on a first round, checks after
     seconds: float  # the whole of trainer.train(): set-up, batches and optimizer steps
     step_seconds: float  # the optimizer steps alone (forward, backward, update), summed
 
@@ -119,6 +120,7 @@ def train_round(
     cached = _tokenized.get(cache_key)
     train_dataset = cached[1] if cached and cached[0] is dataset else dataset
 
+    prepare_start = time.perf_counter()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, model_config, learning_rate, server_round, _scratch_dir.name),
@@ -136,6 +138,7 @@ def train_round(
             param.data = param.data.float()
 
     start = time.perf_counter()
+    prepare_seconds = start - prepare_start
     output = trainer.train()
     seconds = time.perf_counter() - start
     _remove_input_require_grads_hooks(model)
@@ -144,6 +147,7 @@ def train_round(
         num_examples=len(dataset),
         steps=trainer.state.global_step,
         tokens=int(trainer.state.num_input_tokens_seen),
+        prepare_seconds=prepare_seconds,
         seconds=seconds,
         step_seconds=step_timer.seconds,
     )

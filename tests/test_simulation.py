@@ -1,4 +1,4 @@
-"""A real `flwr run` in the Simulation Engine: 3 SuperNodes, 3 rounds, the built-in model, offline."""
+"""A real `flwr run` in the Simulation Engine: 3 SuperNodes, 3 rounds, the built-in model, offline, profiled."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from flowertune_llm import models
 from flowertune_llm.builtin.make_instructions import make_instructions
 from flowertune_llm.config import DatasetConfig, default_run_config, parse_run_config
 from flowertune_llm.data import format_dataset
+from flowertune_llm.profile_report import load_profile, summarize
 from flowertune_llm.strategy import to_array_record
 
 from flower_harness import simulation_superlink
@@ -36,7 +37,10 @@ def quickstart_run(tmp_path_factory):
         # The quickstart preset, with the round count and output directory overridden on the command line.
         result = link.run_app(
             APP_DIR,
-            run_config=f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round=2 output.dir='{output_dir}'",
+            run_config=(
+                f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round=2 "
+                f"output.dir='{output_dir}' profile.enabled=true"
+            ),
             federation_config="num-supernodes=3 client-resources-num-cpus=1",
         )
     return result, output_dir / str(result.run_id)
@@ -113,3 +117,51 @@ def test_test_py_answers_with_the_final_adapter(quickstart_run):
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.strip()
+
+
+def test_profile_accounts_for_each_round(quickstart_run, tmp_path):
+    result, run_dir = quickstart_run
+    profile = load_profile(run_dir / "profile.jsonl")
+    assert profile.warnings == []
+    summary = summarize(profile.events)
+    assert json.loads((run_dir / "profile_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert "Per round" in result.output and "Per node" in result.output  # printed at the end, so `flwr log` has it
+
+    history = json.loads((run_dir / "history.json").read_text())
+    for row, record in zip(summary["rounds"], history):
+        # The named parts (configure, send, wait, decode, aggregate, history, checkpoint) add up to the round.
+        assert 0.95 <= row["coverage"] <= 1.0, row
+        assert row["bytes_down"] == record["bytes_down"] and row["bytes_up"] == record["bytes_up"]
+        assert row["train_seconds_max"] >= row["train_seconds_median"] > 0
+        assert row["server_peak_rss_mb"] > 0 and row["client_peak_rss_mb"] > 0
+    nodes = summary["nodes"]
+    assert len(nodes) == 3 and all(n["rounds"] == ROUNDS for n in nodes)
+    # Simulation actors keep the model: each actor loads it once, every later round is a cache hit.
+    assert sum(n["model_loads"] for n in nodes) <= 2
+    assert all(n["tokens_per_second_median"] > 0 for n in nodes)
+
+    # Client spans nest inside their handler and add up to at most its length.
+    spans = [e for e in profile.events if e["kind"] == "span" and e["node"] != "server"]
+    for handler in (e for e in spans if e["name"] == "handler"):
+        children = [e for e in spans if e["parent"] == "handler" and e["node"] == handler["node"]
+                    and e["round"] == handler["round"]]  # fmt: skip
+        assert {c["name"] for c in children} == {"model_load", "adapter_in", "data_load", "train", "adapter_out"}
+        assert sum(c["seconds"] for c in children) <= handler["seconds"]
+
+
+@pytest.mark.parametrize("output_format", ["table", "json"])
+def test_profile_command_reads_the_run(quickstart_run, tmp_path, output_format):
+    result, run_dir = quickstart_run
+    plot = tmp_path / "timeline.png"
+    completed = subprocess.run(
+        ["flowertune-llm", "profile", str(result.run_id), "--output-dir", str(run_dir.parent),
+         "--format", output_format, "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert plot.stat().st_size > 10_000
+    if output_format == "json":
+        report = json.loads(completed.stdout)
+        assert report["run_dir"] == str(run_dir) and len(report["rounds"]) == ROUNDS
+    else:
+        assert "Per round" in completed.stdout and "tokens/s" in completed.stdout
