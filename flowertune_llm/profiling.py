@@ -118,10 +118,11 @@ class _Off:
 
 
 OFF = _Off()
-_current: contextvars.ContextVar[Recorder | _Off] = contextvars.ContextVar("flowertune_llm_profile", default=OFF)
+Profiler = Recorder | _Off  # what code that records takes: a real recorder or OFF
+_current: contextvars.ContextVar[Profiler] = contextvars.ContextVar("flowertune_llm_profile", default=OFF)
 
 
-def current() -> Recorder | _Off:
+def current() -> Profiler:
     """The recorder of the message being handled on this client (OFF outside the profiling mod)."""
     return _current.get()
 

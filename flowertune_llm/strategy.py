@@ -21,7 +21,7 @@ from peft import PeftConfig
 from flowertune_llm.aggregation import WeightedMean, weighted_average
 from flowertune_llm.checkpoint import RunDirectory
 from flowertune_llm.config import RunConfig
-from flowertune_llm.profiling import OFF, Recorder, events_from_reply
+from flowertune_llm.profiling import OFF, Profiler, events_from_reply
 from flowertune_llm.schedule import cosine_annealing
 
 log = logging.getLogger(f"flwr.{__name__}")  # a child of Flower's logger, so `flwr log` shows it
@@ -58,9 +58,7 @@ class RoundFailed(RuntimeError):
 
 
 class AdapterFedAvg:
-    def __init__(
-        self, config: RunConfig, run_dir: RunDirectory, peft_config: PeftConfig, profile: Recorder | type(OFF) = OFF
-    ):
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, peft_config: PeftConfig, profile: Profiler = OFF):
         self.config = config
         self.run_dir = run_dir
         self.peft_config = peft_config
