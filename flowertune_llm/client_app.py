@@ -1,67 +1,25 @@
-"""ClientApp: one round of local instruction tuning of the global adapter on this node's data."""
+"""ClientApp: one round of local instruction tuning of the global adapter on this node's data.
 
-import logging
+In simulation the round runs in this process (an actor that lives for the whole run, so the model stays
+loaded). In deployment Flower starts a new process per message, so the round goes to the node's
+persistent worker instead, and this module imports nothing heavy (no torch) to stay quick to start.
+"""
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flowertune_llm import data, models, profiling, training
-from flowertune_llm.config import parse_run_config
-
-log = logging.getLogger(f"flwr.{__name__}")
+from flowertune_llm import profiling, worker
 
 app = ClientApp(mods=[profiling.profiling_mod])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = parse_run_config(context.run_config)
-    round_config = msg.content["config"]
-    server_round = int(round_config["server-round"])
     profile = profiling.current()  # a no-op unless profile.enabled
+    if worker.wanted(context.node_config):
+        content = worker.run_round(msg.content, context, profile)
+    else:
+        from flowertune_llm import client_round
 
-    with profile.span("model_load") as span:
-        model, tokenizer, span["cache_hit"] = models.cached_peft_model(config.model)
-    with profile.span("adapter_in"):
-        models.set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    with profile.span("data_load") as span:
-        dataset = data.load_node_dataset(config.dataset, context.node_config)
-        span["examples"] = len(dataset)
-
-    with profile.span("train") as span:
-        result = training.train_round(
-            model,
-            tokenizer,
-            dataset,
-            config.train,
-            config.model,
-            learning_rate=float(round_config["learning-rate"]),
-            server_round=server_round,
-        )
-        span.update(
-            steps=result.steps,
-            tokens=result.tokens,
-            tokenize_seconds=result.prepare_seconds,
-            step_seconds=result.step_seconds,
-            tokens_per_second=result.tokens / result.step_seconds if result.step_seconds else None,
-        )
-    log.info(
-        "Round %d: train_loss %.4f over %d steps on %d examples (%d tokens, %.1f s)",
-        server_round,
-        result.train_loss,
-        result.steps,
-        result.num_examples,
-        result.tokens,
-        result.seconds,
-    )
-    with profile.span("adapter_out"):
-        arrays = ArrayRecord(models.get_adapter_state(model))
-    metrics = MetricRecord(
-        {
-            "train_loss": result.train_loss,
-            "num-examples": result.num_examples,
-            "num-tokens": result.tokens,
-            "step-seconds": result.step_seconds,
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        content = client_round.train(msg.content, context.run_config, context.node_config, profile)
+    return Message(content, reply_to=msg)
