@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from flowertune_llm import federation
 from flowertune_llm.templates import CHAT_TEMPLATES
 
 
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_chat_arguments(commands.add_parser("chat", help="answer a question with a base model and a trained adapter"))
     add_profile_arguments(commands.add_parser("profile", help="where a profiled run's seconds, bytes and memory went"))
+    handlers = {"chat": chat, "profile": profile, **federation.add_commands(commands)}  # + federation, certs, keys
     args = parser.parse_args(argv)
-    return {"chat": chat, "profile": profile}[args.command](args)
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ def train(content: RecordDict, run_config: Mapping[str, Any], node_config: Mappi
     round_config = content["config"]
     server_round = int(round_config["server-round"])
 
+    # Data first: a node whose data is missing fails in seconds, not after loading a model.
+    with profile.span("data_load") as span:
+        dataset = data.load_node_dataset(config.dataset, node_config)
+        span["examples"] = len(dataset)
     with profile.span("model_load") as span:
         model, tokenizer, span["cache_hit"] = models.cached_peft_model(config.model)
     with profile.span("adapter_in"):
         models.set_adapter_state(model, content["arrays"].to_torch_state_dict())
-    with profile.span("data_load") as span:
-        dataset = data.load_node_dataset(config.dataset, node_config)
-        span["examples"] = len(dataset)
 
     with profile.span("train") as span:
         result = training.train_round(

@@ -7,7 +7,7 @@ its node, started on first use, that imports the training stack once and keeps t
 (models.cached_peft_model) warm. The two talk over a Unix socket guarded by a random key only the node's
 user can read.
 
-The worker stops when its SuperNode exits, after ``--idle-timeout`` seconds without work, or on SIGTERM.
+The worker stops when its SuperNode's SuperExec (the ClientApp's parent) exits, after ``--idle-timeout`` seconds without work, or on SIGTERM.
 A worker is tied to one version of this package's code (its socket name carries a hash of it), so a new
 app version starts a new worker instead of talking to stale code.
 """
@@ -91,8 +91,11 @@ def run_round(content, context, profile):
     with profile.span("worker_connect") as span:
         connection, span["started_worker"] = _connect(paths)
     with connection:
-        connection.send(request)
-        response = connection.recv()
+        try:
+            connection.send(request)
+            response = connection.recv()
+        except (EOFError, OSError) as error:
+            raise WorkerError(f"the worker died during the round ({error!r}); see {paths.log}") from None
     if "error" in response:
         raise WorkerError(f"{response['error']} (worker log: {paths.log})")
     for event in response["events"]:  # the worker's own spans, nested under this handler
@@ -137,7 +140,7 @@ def _spawn(paths: WorkerPaths) -> subprocess.Popen:
     with paths.log.open("ab") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "flowertune_llm.worker", "--socket", str(paths.socket), "--key", str(paths.key),
-             "--watch-pid", str(os.getppid()), "--idle-timeout", str(IDLE_TIMEOUT)],
+             "--watch-pid", str(os.getppid()), "--idle-timeout", str(IDLE_TIMEOUT)],  # parent: the node's SuperExec
             env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives this ClientApp process, which exits after the round
         )  # fmt: skip
@@ -207,7 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="a SuperNode's persistent flowertune-llm worker")
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
-    parser.add_argument("--watch-pid", type=int, default=0, help="exit when this process (the SuperNode) exits")
+    parser.add_argument(
+        "--watch-pid", type=int, default=0, help="exit when this process (the node's SuperExec) exits"
+    )
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
     args = parser.parse_args()
     serve(args.socket, args.key, args.watch_pid, args.idle_timeout)

@@ -51,26 +51,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+# Finding and stopping processes by PID is shared with the local federation launcher.
+from flowertune_llm.federation import BIN_DIR as _BIN
+from flowertune_llm.federation import ProcessTracker, terminate
+from flowertune_llm.federation import exe as _exe
+from flowertune_llm.federation import free_port as _free_port
 
 CONNECTION = "harness"
 # Set only in the superlink's environment and inherited by everything it starts.
 MARKER_VAR = "FLOWER_HARNESS_TOKEN"
-_BIN = Path(sys.executable).parent  # where pip put flwr's console scripts
 
 
 class FlowerHarnessError(RuntimeError):
@@ -100,29 +98,6 @@ class RunFailed(AssertionError):
         self.result = result
 
 
-class _Processes:
-    """The superlink and everything it started, directly or not, even once orphaned."""
-
-    def __init__(self, token: str) -> None:
-        self.needle = f"{MARKER_VAR}={token}".encode()
-        # Sessions our processes live in (the superlink's and superexec's). Remembered so
-        # members are found after the tagged leader is gone; Linux does not hand out a
-        # PID again while it still names a live session.
-        self.sids: set[int] = set()
-
-    def scan(self) -> set[int]:
-        found, own_sid = set(), os.getsid(0)
-        for pid, sid, environ in _proc_table():
-            if sid == own_sid:  # pytest's own session: never ours to kill
-                continue
-            if self.needle in environ.split(b"\0"):
-                self.sids.add(sid)
-                found.add(pid)
-            elif sid in self.sids:
-                found.add(pid)
-        return found
-
-
 @dataclass(frozen=True)
 class SuperLinkHandle:
     env: dict[str, str]  # environment for `flwr` CLI calls (FLWR_HOME etc.)
@@ -131,7 +106,7 @@ class SuperLinkHandle:
     log_path: Path  # superlink stdout+stderr
     workdir: Path  # cwd of the ServerApp/ClientApps: relative outputs land here
     pid: int  # the flower-superlink process
-    _procs: _Processes
+    _procs: ProcessTracker
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a `flwr` CLI command against this superlink; raise if it exits non-zero."""
@@ -233,8 +208,7 @@ def simulation_superlink(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
     )
-    token = uuid.uuid4().hex
-    procs = _Processes(token)
+    procs = ProcessTracker(var=MARKER_VAR)
     cmd = [
         _exe("flower-superlink"), "--simulation", "--insecure",
         "--disable-runtime-dependency-installation",
@@ -242,7 +216,7 @@ def simulation_superlink(
     ]  # fmt: skip
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            cmd, cwd=workdir, env={**env, MARKER_VAR: token},
+            cmd, cwd=workdir, env={**env, **procs.env()},
             stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in pytest must not reach it before teardown
         )  # fmt: skip
@@ -255,47 +229,9 @@ def simulation_superlink(
             _terminate(proc, procs, grace)
 
 
-def _terminate(proc: subprocess.Popen[bytes], procs: _Processes, grace: float) -> None:
-    # Several passes: superexec may launch a flwr-simulation while we are killing.
-    for _ in range(3):
-        pids = procs.scan() | ({proc.pid} if proc.poll() is None else set())
-        if not pids:
-            break
-        _signal(pids, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while procs.scan() & pids and time.monotonic() < deadline:
-            proc.poll()  # reap our own child, or it stays a zombie until we exit
-            time.sleep(0.1)
-        if stubborn := procs.scan() & pids:  # e.g. Ray agents ignore SIGTERM
-            log.info("SIGKILL after %.0fs: %s", grace, sorted(stubborn))
-            _signal(stubborn, signal.SIGKILL)
-            time.sleep(0.2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-    if left := procs.scan():
+def _terminate(proc: subprocess.Popen[bytes], procs: ProcessTracker, grace: float) -> None:
+    if left := terminate(procs, [proc], grace):
         raise FlowerHarnessError(f"processes survived teardown: {sorted(left)}")
-
-
-def _signal(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _proc_table() -> Iterator[tuple[int, int, bytes]]:
-    """(pid, session id, environ) of every live, readable, non-zombie process."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            environ = Path(entry.path, "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        # Fields after "(comm)": state, ppid, pgrp, session, ...; comm may hold spaces.
-        state, _ppid, _pgrp, sid = stat.rsplit(")", 1)[1].split()[:4]
-        if state != "Z":  # a zombie has exited already; its parent reaps it
-            yield int(entry.name), int(sid), environ
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], handle: SuperLinkHandle, timeout: float) -> None:
@@ -311,18 +247,6 @@ def _wait_healthy(proc: subprocess.Popen[bytes], handle: SuperLinkHandle, timeou
                 return
         time.sleep(0.1)
     raise FlowerHarnessError(f"flower-superlink not healthy after {timeout}s\n{handle.log_tail()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _exe(name: str) -> str:
-    # Prefer the scripts of the interpreter running pytest: PATH may lack its venv.
-    path = _BIN / name
-    return str(path) if path.exists() else name
 
 
 def _text(data: str | bytes) -> str:
