@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,15 @@ def make_config(**overrides: Any) -> RunConfig:
 @pytest.fixture
 def tiny_config() -> RunConfig:
     return make_config()
+
+
+def profile_command(run_id: int, run_dir: Path, output_format: str, plot: Path) -> str:
+    """Run `flowertune-llm profile` on a finished run as a user would; return what it printed."""
+    completed = subprocess.run(
+        ["flowertune-llm", "profile", str(run_id), "--output-dir", str(run_dir.parent),
+         "--format", output_format, "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert plot.stat().st_size > 10_000
+    return json.loads(completed.stdout) if output_format == "json" else completed.stdout

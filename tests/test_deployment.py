@@ -11,11 +11,11 @@ process survives.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import profile_command
 from flower_harness import RunResult, SuperLinkHandle
 from peft import AutoPeftModelForCausalLM
 
@@ -144,21 +144,14 @@ def test_each_node_keeps_its_model_loaded_across_rounds(federation, two_node_run
 def test_profile_command_reads_a_deployment_run(two_node_run, tmp_path, output_format):
     """Profiling works the same in deployment: the client mod's spans come back in the replies."""
     result, run_dir = two_node_run
-    plot = tmp_path / "timeline.png"
-    completed = subprocess.run(
-        ["flowertune-llm", "profile", str(result.run_id), "--output-dir", str(run_dir.parent),
-         "--format", output_format, "--plot", str(plot)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    assert plot.stat().st_size > 10_000
+    printed = profile_command(result.run_id, run_dir, output_format, tmp_path / "timeline.png")
     if output_format == "json":
-        report = json.loads(completed.stdout)
+        report = printed
         assert [r["round"] for r in report["rounds"]] == [1, 2]
         assert all(0.95 <= r["coverage"] <= 1.0 for r in report["rounds"])
         assert len(report["nodes"]) == 2 and all(n["model_loads"] == 1 for n in report["nodes"])
     else:
-        assert "Per round" in completed.stdout and "Per node" in completed.stdout
+        assert "Per round" in printed and "Per node" in printed
 
 
 def test_node_with_a_bad_node_config_is_named_and_the_round_completes(bad_node_run):

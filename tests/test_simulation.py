@@ -20,6 +20,7 @@ from flowertune_llm.data import format_dataset
 from flowertune_llm.profile_report import load_profile, summarize
 from flowertune_llm.strategy import to_array_record
 
+from conftest import profile_command
 from flower_harness import simulation_superlink
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -152,16 +153,9 @@ def test_profile_accounts_for_each_round(quickstart_run, tmp_path):
 @pytest.mark.parametrize("output_format", ["table", "json"])
 def test_profile_command_reads_the_run(quickstart_run, tmp_path, output_format):
     result, run_dir = quickstart_run
-    plot = tmp_path / "timeline.png"
-    completed = subprocess.run(
-        ["flowertune-llm", "profile", str(result.run_id), "--output-dir", str(run_dir.parent),
-         "--format", output_format, "--plot", str(plot)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    assert plot.stat().st_size > 10_000
+    printed = profile_command(result.run_id, run_dir, output_format, tmp_path / "timeline.png")
     if output_format == "json":
-        report = json.loads(completed.stdout)
+        report = printed
         assert report["run_dir"] == str(run_dir) and len(report["rounds"]) == ROUNDS
     else:
-        assert "Per round" in completed.stdout and "tokens/s" in completed.stdout
+        assert "Per round" in printed and "tokens/s" in printed
