@@ -34,8 +34,11 @@ class ConfigError(ValueError):
     """A run-config value that cannot work; the message names the key."""
 
     def __init__(self, key: str, value: Any, problem: str):
-        self.key = key
+        self.key, self.value, self.problem = key, value, problem
         super().__init__(f"run config `{key}` = {value!r}: {problem}")
+
+    def __reduce__(self):  # rebuilt intact in another process (Ray actors, process pools)
+        return type(self), (self.key, self.value, self.problem)
 
 
 def _key(section: Any, field_name: str) -> str:

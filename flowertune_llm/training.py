@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import torch
@@ -93,7 +94,9 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
 
 
 datasets.disable_progress_bars()
-_scratch_dir = tempfile.TemporaryDirectory(prefix="flowertune-llm-trainer-")
+# The trainer saves nothing (save_strategy="no") but wants an output directory, and creates it: one shared,
+# always-empty directory rather than a new temporary one per process that a killed process would leave behind.
+_UNUSED_OUTPUT_DIR = str(Path(tempfile.gettempdir()) / "flowertune-llm-trainer-unused")
 # TRL tokenizes a prompt/completion dataset when a trainer is built; keep the result for later rounds.
 _tokenized: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
 
@@ -123,7 +126,7 @@ def train_round(
     prepare_start = time.perf_counter()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(train, model_config, learning_rate, server_round, _scratch_dir.name),
+        args=sft_config(train, model_config, learning_rate, server_round, _UNUSED_OUTPUT_DIR),
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
