@@ -237,11 +237,14 @@ def summarize(per_node: list[dict[str, Any]], history: list[dict[str, Any]]) -> 
 # Runs
 
 
-def run_config(output_dir: Path, rounds: int) -> str:
-    return f"preset='quickstart' num-server-rounds={rounds} output.dir='{output_dir}' profile.enabled=true"
+def run_config(output_dir: Path, rounds: int, model: str) -> str:
+    return (
+        f"preset='quickstart' model.name='{model}' num-server-rounds={rounds} output.dir='{output_dir}' "
+        "profile.enabled=true"
+    )
 
 
-def run_deployment(rounds: int, variant: str) -> dict[str, Any]:
+def run_deployment(rounds: int, variant: str, model: str) -> dict[str, Any]:
     """``variant`` is ``POLL/THREADS``: FLWR_SUPEREXEC_TASK_POLL_INTERVAL (``default``: unset, 1 s) and the
     ClientApps' OMP_NUM_THREADS (``split``: the launcher's cores // nodes, ``all``: every core, or a number)."""
     task_poll_interval, threads = variant.split("/")
@@ -264,7 +267,7 @@ def run_deployment(rounds: int, variant: str) -> dict[str, Any]:
                 federation.superlink_dir, federation.superlink.pid, federation.tracker,
             )  # fmt: skip
             submitted = time.time()
-            result = link.run_app(REPO_ROOT, run_config=run_config(output_dir, rounds), timeout=1200)
+            result = link.run_app(REPO_ROOT, run_config=run_config(output_dir, rounds, model), timeout=1200)
             finished = time.time()
             time.sleep(1)  # let the last ClientApp processes exit
             watcher.stop()
@@ -294,14 +297,14 @@ def run_deployment(rounds: int, variant: str) -> dict[str, Any]:
     }
 
 
-def run_simulation(rounds: int) -> dict[str, Any]:
+def run_simulation(rounds: int, model: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-simulation-") as tmp:
         output_dir = Path(tmp) / "runs"
         with simulation_superlink(Path(tmp)) as link:
             submitted = time.time()
             result = link.run_app(
                 REPO_ROOT,
-                run_config=run_config(output_dir, rounds),
+                run_config=run_config(output_dir, rounds, model),
                 federation_config="num-supernodes=2 client-resources-num-cpus=1",
                 timeout=1200,
             )
@@ -388,7 +391,13 @@ def main() -> None:
         "or a number)",
     )
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument(
+        "--model", default="builtin:tiny-llama", help="e.g. builtin:small-llama (10.6M), where steps weigh more"
+    )
     args = parser.parse_args()
+    results_path = RESULTS_PATH.with_name(
+        RESULTS_PATH.stem + ("" if args.model == "builtin:tiny-llama" else f"_{args.model.split(':')[-1]}") + ".json"
+    )
 
     results: dict[str, Any] = {
         "benchmark": "deployment_vs_simulation",
@@ -396,19 +405,19 @@ def main() -> None:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "load_average_before": os.getloadavg(),
-        "config": {"preset": "quickstart", "rounds": args.rounds, "nodes": 2, "profile.enabled": True},
+        "config": {"preset": "quickstart", "model": args.model, "rounds": args.rounds, "nodes": 2, "profile.enabled": True},
         "imports_idle": import_seconds(),
         "runs": [],
     }
     for variant in args.deployments:
         print(f"deployment {variant} ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_deployment(args.rounds, variant))
+        results["runs"].append(run_deployment(args.rounds, variant, args.model))
     if not args.skip_simulation:
         print("simulation ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_simulation(args.rounds))
+        results["runs"].append(run_simulation(args.rounds, args.model))
     results["load_average_after"] = os.getloadavg()
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
