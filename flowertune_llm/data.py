@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import IidPartitioner
 
@@ -88,14 +88,15 @@ def _load_dataset_kwargs(config: DatasetConfig) -> dict[str, Any]:
     return {"dataset": LOCAL_FORMATS[path.suffix], "data_files": str(path)}
 
 
+def _load_local(path: Path, streaming: bool = False):
+    """A local data file through its `datasets` loader, chosen by suffix."""
+    return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming)
+
+
 def check_local_dataset(config: DatasetConfig) -> None:
     """For a local file, fail on a missing file or missing columns before any training starts."""
-    kwargs = _load_dataset_kwargs(config)
-    if "data_files" in kwargs:
-        from datasets import load_dataset
-
-        first = next(iter(load_dataset(kwargs["dataset"], data_files=kwargs["data_files"], split="train", streaming=True)))
-        check_columns(list(first), config)
+    if "data_files" in _load_dataset_kwargs(config):  # raises on a missing file
+        check_columns(list(next(iter(_load_local(local_file(config.name), streaming=True)))), config)
 
 
 _federated: dict[tuple[DatasetConfig, int], FederatedDataset] = {}
@@ -155,8 +156,5 @@ def load_node_dataset(config: DatasetConfig, node_config: Mapping[str, Any]) -> 
         raise NodeConfigError(f"node config dataset-path='{path}': no such file")
     key = (str(path), format_name)
     if key not in _local:
-        from datasets import load_dataset
-
-        raw = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        _local[key] = format_dataset(raw, DatasetConfig(str(path), format_name))
+        _local[key] = format_dataset(_load_local(path), DatasetConfig(str(path), format_name))
     return _local[key]

@@ -118,9 +118,10 @@ class AdapterFedAvg:
             pending = dict(zip(grid.push_messages(messages), record.nodes))
         sent_at = time.perf_counter()
         # Every message carries the whole global adapter; counted per message since payloads may differ.
+        message_bytes = arrays.count_bytes()  # one record shared by every message of the round
         for node in record.nodes:
-            record.bytes_down += arrays.count_bytes()
-            profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": arrays.count_bytes()})
+            record.bytes_down += message_bytes
+            profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": message_bytes})
 
         mean = WeightedMean(state)
         losses, weights = [], []
@@ -167,10 +168,11 @@ class AdapterFedAvg:
             self._leave_out(record, node, "reply lacks 'arrays' or 'metrics'")
             return None
         arrays, metrics = content["arrays"], content["metrics"]
-        record.bytes_up += arrays.count_bytes()
+        reply_bytes = arrays.count_bytes()
+        record.bytes_up += reply_bytes
         for event in events_from_reply(content):
             self.profile.emit({**event, "node": node, "round": record.round})
-        self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": arrays.count_bytes()})
+        self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": reply_bytes})
         weight, loss = metrics.get("num-examples", 0), metrics.get("train_loss", float("nan"))
         if not weight > 0 or not np.isfinite(loss):
             self._leave_out(record, node, f"update rejected: num-examples={weight}, train_loss={loss}")
