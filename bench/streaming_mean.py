@@ -1,7 +1,7 @@
 """Throughput of layer-wise FedAvg: the torch streaming mean against the NumPy one, and a whole layer-wise round.
 
 ``kernel``: the same in-memory client tensors folded by ``streaming.GroupMean`` (torch, fp32 accumulation)
-and by ``aggregation.WeightedMean`` (NumPy, the app's current mean), per dtype; NumPy cannot do bfloat16.
+and by a plain NumPy weighted mean (``bench/numpy_mean.py``), per dtype; NumPy cannot do bfloat16.
 GB/s = bytes of client tensors folded per second (1 GB = 1e9 bytes), result included.
 
 ``round``: a layer-wise round over synthetic checkpoints on disk (``bench/synthetic_llama.py``, one per
@@ -28,9 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy_mean
 import torch
 
-from flowertune_llm.aggregation import WeightedMean
 from flowertune_llm.shards import LocalCheckpoint, ShardedCheckpointWriter
 from flowertune_llm.streaming import GroupMean
 from flowertune_llm.transport import (
@@ -97,10 +97,7 @@ def kernel(mb: int, clients: int, repeats: int) -> dict:
             np_states = [{k: v.numpy() for k, v in state.items()} for state in states]
 
             def run_numpy(np_states: list = np_states) -> None:
-                mean = WeightedMean(np_states[0])
-                for state, weight in zip(np_states, weights, strict=True):
-                    mean.add(state, weight)
-                mean.result()
+                numpy_mean.weighted_mean(np_states, weights)
 
             entry["numpy_weighted_mean"] = _best(run_numpy, repeats, nbytes)
         results[str(dtype).removeprefix("torch.")] = entry

@@ -4,59 +4,40 @@
         run_config.json          the resolved config the run used
         history.json             one record per round: loss, learning rate, nodes, failures, bytes, seconds
         loss.png                 train loss and learning rate across rounds
-        checkpoints/round-<N>/   adapter_model.safetensors + adapter_config.json (a standard PEFT adapter)
+        checkpoints/round-<N>/   the global weights after round N, written by the round loop as it averages:
+                                 adapter_model.safetensors + adapter_config.json (a standard PEFT adapter),
+                                 or a full model's sharded model-*.safetensors + index + config.json
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
-from peft import PeftConfig
-from safetensors.numpy import save_file
 
 
 @contextmanager
-def _atomic_path(target: Path, directory: bool = False) -> Iterator[Path]:
-    """Yield a scratch path beside ``target``; rename it over ``target`` only if the block succeeds."""
+def _atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a scratch file beside ``target``; rename it over ``target`` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(fd)
-        scratch = Path(name)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    scratch = Path(name)
     try:
         yield scratch
-        # mkstemp/mkdtemp create owner-only entries; outputs get the usual permissions.
-        scratch.chmod(0o755 if directory else 0o644)
-        for child in scratch.iterdir() if directory else ():
-            child.chmod(0o644)
-        if directory and target.exists():
-            shutil.rmtree(target)
+        scratch.chmod(0o644)  # mkstemp creates owner-only files; outputs get the usual permissions
         os.replace(scratch, target)
     finally:
-        if scratch.exists():
-            shutil.rmtree(scratch) if directory else scratch.unlink()
+        scratch.unlink(missing_ok=True)
 
 
 def write_json(path: Path, value: Any) -> None:
     with _atomic_path(path) as scratch:
         scratch.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def save_adapter(directory: Path, state: Mapping[str, np.ndarray], peft_config: PeftConfig) -> Path:
-    """Write a PEFT adapter exactly as ``PeftModel.save_pretrained`` lays it out, without needing the model."""
-    with _atomic_path(directory, directory=True) as scratch:
-        save_file(dict(state), str(scratch / "adapter_model.safetensors"), metadata={"format": "pt"})
-        peft_config.save_pretrained(str(scratch))
-    return directory
 
 
 class RunDirectory:
@@ -72,9 +53,6 @@ class RunDirectory:
 
     def checkpoint_dir(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round}"
-
-    def save_checkpoint(self, server_round: int, state: Mapping[str, np.ndarray], peft_config: PeftConfig) -> Path:
-        return save_adapter(self.checkpoint_dir(server_round), state, peft_config)
 
     def save_history(self, rounds: list[dict[str, Any]]) -> None:
         write_json(self.path / "history.json", rounds)

@@ -1,4 +1,5 @@
-"""ClientApp: one round of local instruction tuning of the global adapter on this node's data.
+"""ClientApp: one round of local instruction tuning of the global adapter on this node's data, its weights
+moving group by group (``train.receive`` down, ``train``, ``train.send`` up; see strategy.py).
 
 In simulation the round runs in this process (an actor that lives for the whole run, so the model stays
 loaded). In deployment Flower starts a new process per message, so the round goes to the node's
@@ -13,13 +14,33 @@ from flowertune_llm import profiling, worker
 app = ClientApp(mods=[profiling.profiling_mod])
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _answer(msg: Message, context: Context) -> Message:
     profile = profiling.current()  # a no-op unless profile.enabled
     if worker.wanted(context.node_config):
-        content = worker.run_round(msg.content, context, profile)
+        content = worker.handle(msg.metadata.message_type, msg.content, context, profile)
     else:
         from flowertune_llm import client_round
 
-        content = client_round.train(msg.content, context.run_config, context.node_config, profile)
+        content = client_round.handle(
+            msg.metadata.message_type, msg.content, context.run_config, context.node_config,
+            context.run_id, context.node_id, profile,
+        )  # fmt: skip
     return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Take the global weights, train, answer with the first group of the update."""
+    return _answer(msg, context)
+
+
+@app.train("receive")
+def receive(msg: Message, context: Context) -> Message:
+    """Store one group of the global model (layer-wise rounds send all but the last this way)."""
+    return _answer(msg, context)
+
+
+@app.train("send")
+def send(msg: Message, context: Context) -> Message:
+    """Answer with one more group of this round's update."""
+    return _answer(msg, context)

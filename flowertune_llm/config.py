@@ -28,6 +28,7 @@ PRESETS_DIR = APP_ROOT / "configs"
 QUANTIZATIONS = (0, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")
 DATASET_FORMATS = ("general-nlp", "finance", "medical", "code", "alpaca")
+AGGREGATION_MODES = ("layerwise", "all_at_once")
 
 
 class ConfigError(ValueError):
@@ -113,8 +114,9 @@ class TrainingArguments:
     logging_steps: int
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             _require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        _require(self, "max_steps", self.max_steps >= 0, "a positive integer, or 0 for an aggregation-only run")
         _require(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
         _require(self, "max_grad_norm", self.max_grad_norm > 0, "must be > 0")
         _require(self, "optim", bool(self.optim), "a transformers optimizer name such as 'adamw_torch'")
@@ -160,6 +162,26 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How a round's weights move: the whole state per message, or group by group within a byte budget."""
+
+    PREFIX: ClassVar[str] = "aggregation."
+    mode: str  # layerwise | all_at_once
+    max_message_mb: float  # layerwise: the most one message may carry (MiB, as ArrayRecord.count_bytes counts)
+
+    def __post_init__(self) -> None:
+        _require(self, "mode", self.mode in AGGREGATION_MODES, f"allowed: {', '.join(AGGREGATION_MODES)}")
+        _require(
+            self, "max_message_mb", 0 < self.max_message_mb < math.inf, "MiB per message, must be > 0 and finite"
+        )
+
+    @property
+    def max_message_bytes(self) -> float:
+        """The group budget: unbounded (one group) for all_at_once."""
+        return self.max_message_mb * 2**20 if self.mode == "layerwise" else math.inf
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """The instruction dataset, fixed per challenge by the leaderboard (``[tool.flwr.app.config.static]``)."""
 
@@ -197,12 +219,26 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     strategy: StrategyConfig
+    aggregation: AggregationConfig
     dataset: DatasetConfig
     output: OutputConfig
     profile: ProfileConfig
 
     def __post_init__(self) -> None:
         _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")
+
+    @property
+    def aggregation_only(self) -> bool:
+        """``max-steps=0``: no data, no tokenizer, no training; each node returns the weights it holds."""
+        return self.train.training_arguments.max_steps == 0
+
+    @property
+    def exchanges_full_weights(self) -> bool:
+        """An aggregation-only run of an unquantized model averages the model itself; everything else the adapter.
+
+        Quantized weights cannot be averaged, and training adapts (and so exchanges) only the adapter.
+        """
+        return self.aggregation_only and self.model.quantization == 0
 
 
 def _build(cls: type, flat: Mapping[str, Any], used: set[str]) -> Any:

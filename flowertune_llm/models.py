@@ -20,6 +20,8 @@ from transformers import (
 
 from flowertune_llm import builtin
 from flowertune_llm.config import ConfigError, ModelConfig
+from flowertune_llm.shards import TORCH_DTYPES, LocalCheckpoint
+from flowertune_llm.transport import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,50 @@ def resolve_model_path(name: str) -> str:
         return str(builtin.model_path(name))
     local = Path(name).expanduser()
     return str(local.resolve()) if local.is_dir() else name
+
+
+# Files an averaged full model needs besides its weights to load with from_pretrained.
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def local_weights(name: str) -> Path:
+    """A directory holding the model's safetensors files: the built-in's, a local one, or the Hub snapshot.
+
+    For a Hub id this downloads the weights once into the Hugging Face cache (the node's copy of the model).
+    """
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.safetensors.index.json", *MODEL_CONFIG_FILES]))
+
+
+def weight_manifest(name: str) -> tuple[dict[str, TensorSpec], dict[str, bytes]]:
+    """Every tensor's shape and dtype in on-disk order, and the config files, without reading any weights.
+
+    For a Hub id only the safetensors headers are fetched (HTTP range requests), so a server can plan
+    and write a 70B model's average without ever holding or downloading the model.
+    """
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        files = {f: (path / f).read_bytes() for f in MODEL_CONFIG_FILES if (path / f).is_file()}
+        return LocalCheckpoint(path).specs, files
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    located = []
+    for filename, metadata in get_safetensors_metadata(name).files_metadata.items():
+        for tensor, info in metadata.tensors.items():
+            spec = TensorSpec(tuple(info.shape), TORCH_DTYPES[info.dtype])
+            located.append((filename, info.data_offsets[0], tensor, spec))
+    files = {}
+    for config_file in MODEL_CONFIG_FILES:
+        try:
+            files[config_file] = Path(hf_hub_download(name, config_file)).read_bytes()
+        except EntryNotFoundError:
+            pass
+    return {tensor: spec for _, _, tensor, spec in sorted(located)}, files
 
 
 def torch_dtype(config: ModelConfig) -> torch.dtype:

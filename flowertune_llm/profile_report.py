@@ -18,7 +18,7 @@ from flowertune_llm.profiling import PROFILE_FILE
 Event = dict[str, Any]
 SERVER = "server"
 # Direct children of the server's "round" span; together they should account for all of it.
-SERVER_PARTS = ("configure", "send", "wait", "decode", "aggregate", "history", "checkpoint")
+SERVER_PARTS = ("configure", "send", "wait", "decode", "aggregate", "write", "history", "checkpoint")
 
 
 class ProfileNotFound(LookupError):
@@ -192,7 +192,7 @@ def format_tables(summary: dict[str, Any]) -> str:
 
 _COLORS = {
     "configure": "tab:purple", "send": "tab:pink", "wait": "lightgray", "decode": "tab:olive",
-    "aggregate": "tab:red", "history": "tab:brown", "checkpoint": "black", "model_load": "tab:orange",
+    "aggregate": "tab:red", "write": "teal", "history": "tab:brown", "checkpoint": "black", "model_load": "tab:orange",
     "adapter_in": "tab:cyan", "data_load": "tab:green", "train": "tab:blue", "adapter_out": "tab:cyan",
 }  # fmt: skip
 

@@ -1,16 +1,20 @@
-"""ServerApp: federated averaging of LoRA/DoRA adapters with a cosine learning-rate schedule across rounds."""
+"""ServerApp: federated averaging of LoRA/DoRA adapters (or, training off, of whole models) group by group,
+with a cosine learning-rate schedule across rounds."""
 
 import gc
 import logging
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flowertune_llm import data, models, profile_report
 from flowertune_llm.checkpoint import RunDirectory
-from flowertune_llm.config import parse_run_config, to_flat_dict
+from flowertune_llm.config import RunConfig, parse_run_config, to_flat_dict
+from flowertune_llm.exchange import Exchange
 from flowertune_llm.profiling import OFF, PROFILE_FILE, Recorder
-from flowertune_llm.strategy import AdapterFedAvg
+from flowertune_llm.strategy import StreamingFedAvg
+from flowertune_llm.transport import dtype_name, specs_of
 
 log = logging.getLogger(f"flwr.{__name__}")
 
@@ -21,30 +25,50 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     # Everything that can be checked without loading a model is checked first.
     config = parse_run_config(context.run_config)
-    models.check_target_modules(config.model)
-    data.check_local_dataset(config.dataset)
+    if not config.exchanges_full_weights:
+        models.check_target_modules(config.model)
+    if not config.aggregation_only:
+        data.check_local_dataset(config.dataset)
 
     run_dir = RunDirectory.create(config.output.root, context.run_id, to_flat_dict(config))
     log.info("Run directory: %s", run_dir.path)
-
-    # The global adapter starts as the PEFT initialisation of the base model (LoRA B = 0: a no-op adapter).
-    peft_model = models.build_peft_model(config.model)
-    initial_state = {k: v.numpy() for k, v in models.get_adapter_state(peft_model).items()}
-    del peft_model
-    gc.collect()
+    exchange, initial = _global_model(config, run_dir)
+    log.info("Exchanging %s (aggregation.mode=%s)", exchange.describe(), config.aggregation.mode)
 
     profile = Recorder("server", run_dir.path / PROFILE_FILE) if config.profile.enabled else OFF
-    strategy = AdapterFedAvg(config, run_dir, models.lora_config(config.model), profile)
+    strategy = StreamingFedAvg(config, run_dir, exchange, profile)
     try:
-        strategy.run(grid, initial_state)
+        final = strategy.run(grid, initial)
     finally:
         profile.close()
     if profile.enabled:
         summary = profile_report.write_summary(run_dir.path, profile.events)
         log.info("Profile (flowertune-llm profile %s):\n%s", context.run_id, profile_report.format_tables(summary))
 
-    losses = [f"{r.train_loss:.4f}" for r in strategy.history]
-    log.info("Train loss by round: %s", ", ".join(losses))
+    if not config.aggregation_only:
+        losses = [f"{r.train_loss:.4f}" for r in strategy.history]
+        log.info("Train loss by round: %s", ", ".join(losses))
     log.info("Communication: %.2f MB in total", strategy.total_bytes / 2**20)
-    log.info("Final adapter: %s", run_dir.checkpoint_dir(config.num_server_rounds))
+    log.info("Final %s: %s", exchange.label, final)
     log.info("Run directory: %s", run_dir.path)
+
+
+def _global_model(config: RunConfig, run_dir: RunDirectory) -> tuple[Exchange, Path | None]:
+    """What the run exchanges, and where the global model before round 1 is (None: on the nodes already)."""
+    if config.exchanges_full_weights:
+        # Only the safetensors headers are read: the server never holds the model.
+        specs, files = models.weight_manifest(config.model.name)
+        stored = sorted({dtype_name(spec.dtype) for spec in specs.values()})
+        if stored != [config.model.dtype]:
+            log.info(
+                "Weights travel and are saved in their stored dtype (%s); model.dtype=%s applies to loading for "
+                "training only", ", ".join(stored), config.model.dtype,
+            )  # fmt: skip
+        return Exchange.for_full_model(config, specs, files), None
+    # The global adapter starts as the PEFT initialisation of the base model (LoRA B = 0: a no-op adapter).
+    peft_model = models.build_peft_model(config.model)
+    state = models.get_adapter_state(peft_model)
+    del peft_model
+    gc.collect()
+    exchange = Exchange.for_adapter(config, specs_of(state), models.lora_config(config.model))
+    return exchange, exchange.write(run_dir.checkpoint_dir(0), state)

@@ -41,12 +41,12 @@ FILENAME_PATTERN = "model{suffix}.safetensors"
 _PWRITE_MAX = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
 # torch dtype <-> safetensors dtype tag (the tags safetensors.torch uses).
-_ST_DTYPES: dict[torch.dtype, str] = {
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-_TORCH_DTYPES = {tag: dtype for dtype, tag in _ST_DTYPES.items()}
+TORCH_DTYPES = {tag: dtype for dtype, tag in SAFETENSORS_DTYPES.items()}
 
 
 class InsufficientDiskSpaceError(OSError):
@@ -99,11 +99,11 @@ def _shard_header(names: Sequence[str], specs: Mapping[str, TensorSpec], metadat
     relative: dict[str, int] = {}
     for name in order:
         spec = specs[name]
-        if spec.dtype not in _ST_DTYPES:
+        if spec.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: safetensors cannot store {spec.dtype}")
         relative[name] = position
         entries[name] = {
-            "dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape),
+            "dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
             "data_offsets": [position, position + spec.nbytes],
         }  # fmt: skip
         position += spec.nbytes
@@ -132,11 +132,12 @@ class CheckpointLayout:
         specs: Mapping[str, TensorSpec],
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         metadata: Mapping[str, str] | None = None,
+        filename_pattern: str = FILENAME_PATTERN,
     ) -> CheckpointLayout:
         metadata = {"format": "pt"} if metadata is None else metadata
         split = split_state_dict_into_shards_factory(
             dict(specs), get_storage_size=lambda spec: spec.nbytes,
-            filename_pattern=FILENAME_PATTERN, max_shard_size=max_shard_bytes,
+            filename_pattern=filename_pattern, max_shard_size=max_shard_bytes,
         )  # fmt: skip
         shards, shard_of = [], {}
         for filename, names in split.filename_to_tensors.items():
@@ -218,9 +219,10 @@ class ShardedCheckpointWriter:
         *,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         metadata: Mapping[str, str] | None = None,
+        filename_pattern: str = FILENAME_PATTERN,
     ):
         self.target = Path(target).expanduser().absolute()
-        self.layout = CheckpointLayout.plan(specs, max_shard_bytes, metadata)
+        self.layout = CheckpointLayout.plan(specs, max_shard_bytes, metadata, filename_pattern)
         self._scratch: Path | None = None
         self._fds: list[int] = []
         self._written: dict[str, list[tuple[int, int]]] = {}
@@ -416,10 +418,10 @@ class LocalCheckpoint:
             for name, entry in header.items():
                 if name in self._file_of:
                     raise ValueError(f"{name} appears in both {self.files[self._file_of[name]].name} and {file.name}")
-                if entry["dtype"] not in _TORCH_DTYPES:
+                if entry["dtype"] not in TORCH_DTYPES:
                     raise ValueError(f"{file.name}: {name} has dtype {entry['dtype']}, not supported here")
                 self._file_of[name] = number
-                spec = TensorSpec(tuple(entry["shape"]), _TORCH_DTYPES[entry["dtype"]])
+                spec = TensorSpec(tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
                 located.append((number, entry["data_offsets"][0], name, spec))
         self.specs: dict[str, TensorSpec] = {name: spec for _, _, name, spec in sorted(located)}
         self._handles: list | None = None

@@ -1,28 +1,44 @@
-"""The server's round loop: FedAvg over adapter weights, with the schedule, the bill and the checkpoints.
+"""The server's round loop: FedAvg group by group, with the schedule, the bill and the checkpoints.
 
 Flower's ``FedAvg.start`` holds every reply before averaging, drops late replies without a word and has
-no checkpoint hook, so the loop is written out here on Flower's ``Grid``: push one message per sampled
-node, pull replies one by one and fold each into a running weighted sum as it arrives, and name every
-node whose reply failed, was rejected or came too late.
+no checkpoint hook, so the loop is written out here on Flower's ``Grid``. One round, for the sampled nodes:
+
+1. **down**: groups ``1..G-1`` of the global model as ``train.receive`` messages, one group at a time;
+2. **train**: a ``train`` message with the learning rate and the last group; each node trains (or, in an
+   aggregation-only run, does not) and answers with the first group of its update and its FedAvg weight;
+3. **up**: ``train.send`` for groups ``2..G``, one group at a time.
+
+Every reply is folded into a running weighted sum as it arrives (streaming.py), each finished group is
+written to the round's checkpoint and freed, so the server holds one group's sum and the replies in flight,
+never the model. ``all_at_once`` is the same loop with one group whose replies are all held before
+averaging (the standard path, kept for comparison); with one group both modes move the same single message
+each way, so the adapter runs of the quickstart cost one round trip per round in either mode.
+
+The global model between rounds is the previous round's checkpoint on disk, read back through mmap.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from peft import PeftConfig
 
-from flowertune_llm.aggregation import WeightedMean, weighted_average
 from flowertune_llm.checkpoint import RunDirectory
 from flowertune_llm.config import RunConfig
+from flowertune_llm.exchange import RECEIVE, SEND, TRAIN, Exchange
 from flowertune_llm.profiling import OFF, Profiler, events_from_reply
 from flowertune_llm.schedule import cosine_annealing
+from flowertune_llm.shards import LocalCheckpoint, ShardedCheckpointWriter, check_disk_space
+from flowertune_llm.streaming import TooFewClients, Update, spec_mismatch, streaming_fedavg
+from flowertune_llm.transport import from_record, specs_from_json, specs_to_json, to_record
 
 log = logging.getLogger(f"flwr.{__name__}")  # a child of Flower's logger, so `flwr log` shows it
 
@@ -36,43 +52,39 @@ _POLL_SECONDS = 0.2
 class RoundRecord:
     round: int
     learning_rate: float
-    train_loss: float | None = None
+    train_loss: float | None = None  # None in aggregation-only runs
     nodes: list[int] = field(default_factory=list)  # sampled this round
     aggregated: list[int] = field(default_factory=list)  # whose update made it into the mean
     failures: dict[str, str] = field(default_factory=dict)  # node id -> why it was left out
+    groups: int = 0
+    restarts: int = 0  # a node failed after its share was folded: the round restarted without it
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
-
-
-def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(v) for k, v in state.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 class RoundFailed(RuntimeError):
     """Fewer usable updates than ``strategy.min-train-nodes``: the run stops rather than average too few."""
 
 
-class AdapterFedAvg:
-    def __init__(self, config: RunConfig, run_dir: RunDirectory, peft_config: PeftConfig, profile: Profiler = OFF):
+class StreamingFedAvg:
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, exchange: Exchange, profile: Profiler = OFF):
         self.config = config
         self.run_dir = run_dir
-        self.peft_config = peft_config
+        self.exchange = exchange
         self.profile = profile
         self.history: list[RoundRecord] = []
         self._rng = random.Random(config.train.seed)
         self._budget_warned = False
+        self._sent_at = time.perf_counter()  # when the latest push went out: arrivals are timed from it
 
     @property
     def total_bytes(self) -> int:
         return sum(r.bytes_down + r.bytes_up for r in self.history)
 
-    def run(self, grid: Grid, initial_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        state = initial_state
+    def run(self, grid: Grid, initial: Path | None) -> Path:
+        """Run every round from the global model at ``initial`` (None: the nodes' own copies); return the last."""
+        current = initial
         num_rounds = self.config.num_server_rounds
         for server_round in range(1, num_rounds + 1):
             record = RoundRecord(
@@ -80,116 +92,214 @@ class AdapterFedAvg:
                 learning_rate=cosine_annealing(
                     server_round, num_rounds, self.config.train.learning_rate_max, self.config.train.learning_rate_min
                 ),
+                groups=len(self.exchange.groups),
             )
             self.history.append(record)
             self.profile.round = server_round
             with self.profile.span("round"):
                 start = time.monotonic()
                 try:
-                    state = self._train_round(grid, state, record)
+                    output = self._round(grid, current, record)
                 finally:
                     record.seconds = time.monotonic() - start
                     with self.profile.span("history"):
                         self.run_dir.save_history([asdict(r) for r in self.history])
-                self._log_round(record)
-                if server_round % self.config.train.save_every_round == 0 or server_round == num_rounds:
-                    with self.profile.span("checkpoint"):
-                        path = self.run_dir.save_checkpoint(server_round, state, self.peft_config)
-                    log.info("Saved the round-%d adapter to %s", server_round, path)
+            self._log_round(record)
+            if current is not None and not self._kept(current):
+                shutil.rmtree(current)  # the previous global model, superseded and not a saved checkpoint
+            current = output
+            if self._kept(output):
+                log.info("Saved the round-%d %s to %s", server_round, self.exchange.label, output)
             self.profile.memory()
-        return state
+        return current
 
-    def _train_round(self, grid: Grid, state: dict[str, np.ndarray], record: RoundRecord) -> dict[str, np.ndarray]:
-        strategy, profile = self.config.strategy, self.profile
-        with profile.span("configure"):
+    def _kept(self, checkpoint: Path) -> bool:
+        """Checkpoints of every ``save-every-round``-th round and of the last round stay; the others are scratch."""
+        server_round = int(checkpoint.name.removeprefix("round-"))
+        return server_round > 0 and (
+            server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds
+        )
+
+    # --- one round ---------------------------------------------------------------------------------------------
+
+    def _round(self, grid: Grid, current: Path | None, record: RoundRecord) -> Path:
+        exchange, target = self.exchange, self.run_dir.checkpoint_dir(record.round)
+        with self.profile.span("configure"):
             record.nodes = self._sample_nodes(grid)
-            arrays = to_array_record(state)
-            content = RecordDict(
-                {
-                    "arrays": arrays,
-                    "config": ConfigRecord({"server-round": record.round, "learning-rate": record.learning_rate}),
-                }
-            )
-            messages = [
-                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, ttl=strategy.round_timeout)
-                for node in record.nodes
-            ]
-        with profile.span("send", messages=len(messages)):
-            pending = dict(zip(grid.push_messages(messages), record.nodes))
-        sent_at = time.perf_counter()
-        # Every message carries the whole global adapter; counted per message since payloads may differ.
-        message_bytes = arrays.count_bytes()  # one record shared by every message of the round
-        for node in record.nodes:
-            record.bytes_down += message_bytes
-            profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": message_bytes})
+            # Before anything moves: a round whose output cannot be written is not started.
+            check_disk_space(target.parent, exchange.layout.total_bytes, what=f"the round-{record.round} checkpoint")
+        source = LocalCheckpoint(current) if current is not None else nullcontext(None)
+        with source as global_model:
+            nodes = list(record.nodes)
+            if global_model is not None:
+                for index in range(len(exchange.groups) - 1):
+                    nodes = self._send_down(grid, global_model, index, nodes, record)
+            train_replies = self._push_train(grid, global_model, nodes, record)
+        losses: dict[int, float] = {}
 
-        mean = WeightedMean(state)
-        losses, weights = [], []
-        deadline = time.monotonic() + strategy.round_timeout
-        waited, wait_start = 0.0, time.time()
-        while pending and time.monotonic() < deadline:
-            poll_start = time.perf_counter()
-            replies = list(grid.pull_messages(list(pending)))
-            if not replies:
-                time.sleep(_POLL_SECONDS)
-            waited += time.perf_counter() - poll_start
-            for reply in replies:
-                node = pending.pop(reply.metadata.reply_to_message_id)
-                profile.emit(
-                    {"kind": "arrival", "node": node, "order": len(record.nodes) - len(pending),
-                     "seconds": time.perf_counter() - sent_at}
-                )  # fmt: skip
-                update = self._accept(reply, node, mean, record)
-                if update is not None:
-                    losses.append(update[0])
-                    weights.append(update[1])
-        profile.record_span("wait", waited, wait_start)
-        for node in pending.values():
-            self._leave_out(record, node, f"no reply within strategy.round-timeout={strategy.round_timeout:g}s")
+        def fetch(clients: Sequence[int], index: int) -> Iterator[Update[int]]:
+            nonlocal train_replies
+            if index == 0 and train_replies is not None:
+                pending, train_replies = train_replies, None
+                replies = self._collect(grid, pending, record, lambda reply, node: self._decode_train(reply, node, losses))
+            else:
+                content = RecordDict({"config": ConfigRecord({"server-round": record.round, "keys": exchange.group_keys(index)})})
+                pending = self._push(grid, SEND, content, clients, record)
+                replies = self._collect(grid, pending, record, self._decode_group)
+            # all_at_once holds every reply before averaging; layerwise folds each as it arrives.
+            return replies if self.config.aggregation.mode == "layerwise" else iter(list(replies))
 
-        if mean.count < strategy.min_train_nodes:
+        try:
+            result = streaming_fedavg(
+                exchange.specs, exchange.groups, nodes, fetch, lambda: self._output(target),
+                min_clients=self.config.strategy.min_train_nodes, span=self.profile.span,
+            )  # fmt: skip
+        except TooFewClients as failure:
+            for node, reason in failure.left_out.items():
+                self._leave_out(record, node, reason)
             raise RoundFailed(
-                f"round {record.round}: {mean.count} usable update(s), fewer than strategy.min-train-nodes="
-                f"{strategy.min_train_nodes}; left out: {record.failures or 'none'}"
-            )
-        record.train_loss = weighted_average(losses, weights)
-        with profile.span("aggregate", step="finalize"):
-            return mean.result()
+                f"round {record.round}: {failure.usable} usable update(s), fewer than strategy.min-train-nodes="
+                f"{self.config.strategy.min_train_nodes}; left out: {record.failures or 'none'}"
+            ) from None
+        for node, reason in result.left_out.items():
+            self._leave_out(record, node, reason)
+        record.aggregated, record.restarts = result.aggregated, result.restarts
+        if losses:
+            total = sum(result.weights.values())
+            record.train_loss = sum(losses[n] * result.weights[n] for n in result.aggregated) / total
+        return target
 
-    def _accept(
-        self, reply: Message, node: int, mean: WeightedMean, record: RoundRecord
-    ) -> tuple[float, float] | None:
-        """Fold a reply into ``mean``; return its (loss, weight), or None after logging why it was left out."""
+    @contextmanager
+    def _output(self, target: Path) -> Iterator[ShardedCheckpointWriter]:
+        exchange = self.exchange
+        writer = ShardedCheckpointWriter(
+            target, exchange.specs, max_shard_bytes=exchange.max_shard_bytes, filename_pattern=exchange.filename_pattern
+        )
+        with self.profile.span("checkpoint", step="open"):
+            writer.open()
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        with self.profile.span("checkpoint", step="commit"):
+            for name, content in exchange.checkpoint_files.items():
+                writer.add_file(name, content)
+            writer.commit()
+
+    # --- messages ----------------------------------------------------------------------------------------------
+
+    def _group_content(self, global_model: LocalCheckpoint, index: int, record: RoundRecord) -> RecordDict:
+        config = {"server-round": record.round, "group": index, "groups": len(self.exchange.groups)}
+        if index == 0:  # the node needs every tensor's shape to know when it has the whole model
+            config["manifest"] = specs_to_json(self.exchange.specs)
+        with self.profile.span("configure", group=index):
+            arrays = to_record(global_model.group(self.exchange.group_keys(index)))
+        return RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+
+    def _send_down(
+        self, grid: Grid, global_model: LocalCheckpoint, index: int, nodes: list[int], record: RoundRecord
+    ) -> list[int]:
+        pending = self._push(grid, RECEIVE, self._group_content(global_model, index, record), nodes, record)
+        for update in self._collect(grid, pending, record, lambda reply, node: Update(node)):
+            if update.problem:
+                self._leave_out(record, update.client, f"group {index + 1} down: {update.problem}")
+        return [n for n in nodes if str(n) not in record.failures]
+
+    def _push_train(
+        self, grid: Grid, global_model: LocalCheckpoint | None, nodes: list[int], record: RoundRecord
+    ) -> dict[str, int]:
+        last = len(self.exchange.groups) - 1
+        content = self._group_content(global_model, last, record) if global_model is not None else RecordDict(
+            {"config": ConfigRecord({"server-round": record.round})}
+        )
+        config = content["config"]
+        config["learning-rate"] = record.learning_rate
+        config["reply-keys"] = self.exchange.group_keys(0)
+        return self._push(grid, TRAIN, content, nodes, record)
+
+    def _push(self, grid: Grid, message_type: str, content: RecordDict, nodes: Sequence[int], record: RoundRecord) -> dict[str, int]:
+        messages = [
+            Message(content, dst_node_id=node, message_type=message_type, ttl=self.config.strategy.round_timeout)
+            for node in nodes
+        ]
+        with self.profile.span("send", messages=len(messages), type=message_type):
+            pending = dict(zip(grid.push_messages(messages), nodes))
+        # One record shared by every message of the push; each message is billed (and travels) in full.
+        message_bytes = content["arrays"].count_bytes() if "arrays" in content else 0
+        for node in nodes:
+            record.bytes_down += message_bytes
+            self.profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": message_bytes})
+        self._sent_at = time.perf_counter()
+        return pending
+
+    def _collect(self, grid: Grid, pending: dict[str, int], record: RoundRecord, decode) -> Iterator[Update[int]]:
+        """Replies to ``pending`` as they arrive, decoded; a node silent for ``round-timeout`` comes out as failed.
+
+        ``strategy.round-timeout`` bounds each exchange (the training, or one group), counted like the
+        messages' TTL from when they were sent.
+        """
+        pending, asked = dict(pending), len(pending)
+        deadline = time.monotonic() + self.config.strategy.round_timeout
+        waited, wait_start = 0.0, time.time()
+        try:
+            while pending and time.monotonic() < deadline:
+                poll_start = time.perf_counter()
+                replies = list(grid.pull_messages(list(pending)))
+                if not replies:
+                    time.sleep(_POLL_SECONDS)
+                waited += time.perf_counter() - poll_start
+                for reply in replies:
+                    node = pending.pop(reply.metadata.reply_to_message_id)
+                    self.profile.emit(
+                        {"kind": "arrival", "node": node, "order": asked - len(pending),
+                         "seconds": time.perf_counter() - self._sent_at}
+                    )  # fmt: skip
+                    yield self._check_reply(reply, node, record, decode)
+            for node in pending.values():
+                yield Update(node, problem=f"no reply within strategy.round-timeout={self.config.strategy.round_timeout:g}s")
+        finally:
+            self.profile.record_span("wait", waited, wait_start)
+
+    def _check_reply(self, reply: Message, node: int, record: RoundRecord, decode) -> Update[int]:
         if reply.has_error():
-            self._leave_out(record, node, f"client error {reply.error.code}: {reply.error.reason}")
-            return None
+            return Update(node, problem=f"client error {reply.error.code}: {reply.error.reason}")
         content = reply.content
-        if "arrays" not in content or "metrics" not in content:
-            self._leave_out(record, node, "reply lacks 'arrays' or 'metrics'")
-            return None
-        arrays, metrics = content["arrays"], content["metrics"]
-        reply_bytes = arrays.count_bytes()
-        record.bytes_up += reply_bytes
         for event in events_from_reply(content):
             self.profile.emit({**event, "node": node, "round": record.round})
-        self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": reply_bytes})
-        weight, loss = metrics.get("num-examples", 0), metrics.get("train_loss", float("nan"))
-        if not weight > 0 or not np.isfinite(loss):
-            self._leave_out(record, node, f"update rejected: num-examples={weight}, train_loss={loss}")
-            return None
+        if "arrays" in content:
+            reply_bytes = content["arrays"].count_bytes()
+            record.bytes_up += reply_bytes
+            self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": reply_bytes})
         with self.profile.span("decode", from_node=node):
-            update = from_array_record(arrays)
-        try:
-            with self.profile.span("aggregate", from_node=node):
-                mean.add(update, float(weight))  # checks names, shapes, dtypes and finiteness first
-        except ValueError as problem:
-            self._leave_out(record, node, f"update rejected: {problem}")
-            return None
-        record.aggregated.append(node)
-        return float(loss), float(weight)
+            return decode(content, node)
+
+    def _decode_group(self, content: RecordDict, node: int) -> Update[int]:
+        if "arrays" not in content:
+            return Update(node, problem="reply lacks 'arrays'")
+        return Update(node, from_record(content["arrays"]))
+
+    def _decode_train(self, content: RecordDict, node: int, losses: dict[int, float]) -> Update[int]:
+        if "metrics" not in content or "config" not in content:
+            return Update(node, problem="reply lacks 'metrics' or 'config'")
+        mismatch = spec_mismatch(self.exchange.specs, specs_from_json(str(content["config"]["manifest"])))
+        if mismatch:
+            return Update(node, problem=f"holds weights unlike the global model's: {mismatch}")
+        metrics = content["metrics"]
+        weight = float(metrics.get("weight", 0))
+        if not self.config.aggregation_only:
+            loss = float(metrics.get("train_loss", float("nan")))
+            if not loss == loss or loss in (float("inf"), float("-inf")):
+                return Update(node, problem=f"update rejected: train_loss={loss}")
+            losses[node] = loss
+        update = self._decode_group(content, node)
+        update.weight = weight
+        return update
 
     @staticmethod
     def _leave_out(record: RoundRecord, node: int, reason: str) -> None:
+        if str(node) in record.failures:
+            return
         record.failures[str(node)] = reason
         log.warning("Round %d: node %d left out: %s", record.round, node, reason)
 
@@ -213,14 +323,17 @@ class AdapterFedAvg:
 
     def _log_round(self, record: RoundRecord) -> None:
         total_mb = self.total_bytes / MB
+        loss = "-" if record.train_loss is None else f"{record.train_loss:.4f}"
         log.info(
-            "[round %d/%d] train_loss %.4f | lr %.3g | %d/%d nodes | down %.2f MB, up %.2f MB, total %.2f MB | %.1f s",
+            "[round %d/%d] train_loss %s | lr %.3g | %d/%d nodes | %d group(s) | down %.2f MB, up %.2f MB, "
+            "total %.2f MB | %.1f s",
             record.round,
             self.config.num_server_rounds,
-            record.train_loss,
+            loss,
             record.learning_rate,
             len(record.aggregated),
             len(record.nodes),
+            record.groups,
             record.bytes_down / MB,
             record.bytes_up / MB,
             total_mb,

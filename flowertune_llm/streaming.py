@@ -19,8 +19,8 @@ or that holds NaN or Inf, leaves the accumulator untouched and comes back as a r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -157,8 +157,14 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 # --- the round, group by group -------------------------------------------------------------------------------
 
 
-class ClientFailed(Exception):
-    """Raised by a ``fetch`` callback when a client cannot deliver a group (error reply, timeout)."""
+@dataclass
+class Update(Generic[ClientId]):
+    """One client's reply for one group: its tensors, or why there are none (an error reply, a timeout)."""
+
+    client: ClientId
+    tensors: Mapping[str, torch.Tensor] | None = None
+    weight: float = 0.0  # read from the first group's reply; later groups reuse it
+    problem: str | None = None
 
 
 class GroupSink(Protocol):
@@ -168,6 +174,7 @@ class GroupSink(Protocol):
 @dataclass
 class StreamResult(Generic[ClientId]):
     aggregated: list[ClientId]
+    weights: dict[ClientId, float] = field(default_factory=dict)
     left_out: dict[ClientId, str] = field(default_factory=dict)  # client -> why
     restarts: int = 0
 
@@ -175,66 +182,100 @@ class StreamResult(Generic[ClientId]):
 class TooFewClients(RuntimeError):
     """Fewer usable clients than required remain: the round cannot produce a mean."""
 
+    def __init__(self, usable: int, required: int, left_out: Mapping):
+        super().__init__(f"{usable} usable client(s), fewer than {required}; left out: {dict(left_out)}")
+        self.usable, self.required, self.left_out = usable, required, dict(left_out)
+
+
+Fetch = Callable[[Sequence[ClientId], int], Iterable[Update[ClientId]]]
+
+
+def _nothing(name: str, **attributes: object) -> AbstractContextManager:
+    return nullcontext({})
+
 
 def streaming_fedavg(
     specs: Mapping[str, TensorSpec],
     groups: Sequence[Sequence[Piece]],
-    weights: Mapping[ClientId, float],
-    fetch: Callable[[ClientId, int], Mapping[str, torch.Tensor]],
+    clients: Sequence[ClientId],
+    fetch: Fetch[ClientId],
     open_output: Callable[[], AbstractContextManager[GroupSink]],
     *,
     min_clients: int = 1,
+    span: Callable[..., AbstractContextManager] = _nothing,
 ) -> StreamResult[ClientId]:
-    """The reference loop for layer-wise FedAvg, independent of Flower: the round loop supplies ``fetch``.
+    """Layer-wise FedAvg, independent of Flower: the round loop supplies ``fetch`` and the output.
 
-    For each group in order, ``fetch(client, g)`` is called for every client in ``weights`` order and each
-    reply is folded in as it comes; the finished group goes to the sink from ``open_output()`` (e.g. a
+    For each group in order, ``fetch(clients, g)`` asks every client for group ``g`` and yields their
+    :class:`Update` s in whatever order they arrive; each is folded in as soon as every client before it
+    in ``clients`` order has been, so the sum is taken in one fixed order and the result does not depend on
+    who answers first (floating-point addition is not associative). Early arrivals wait at most until their
+    predecessors arrive. The finished group goes to the sink from ``open_output()`` (e.g. a
     :class:`~flowertune_llm.shards.ShardedCheckpointWriter`) and is freed. ``all_at_once`` is the same call
     with one group.
 
-    A client refused in the first group (mismatch, NaN/Inf, :class:`ClientFailed`) is simply skipped from then
-    on. One refused in a later group has already been folded into groups that may be written; its share
-    cannot be taken back bit-exactly, so the output is abandoned (the sink's context exits with an error,
-    which for the checkpoint writer removes its temporary directory) and the round restarts from the first
-    group without it. The result then equals an all-at-once mean over the remaining clients, bit for bit. A
-    manifest check before the round (:func:`spec_mismatch` on :func:`~flowertune_llm.transport.specs_to_json`)
-    keeps restarts to the data-dependent cases.
+    A client refused in the first group (mismatch, NaN/Inf, no tensors) is simply skipped from then on. One
+    refused in a later group has already been folded into groups that may be written; its share cannot be
+    taken back bit-exactly, so the output is abandoned (the sink's context exits with an error, which for the
+    checkpoint writer removes its temporary directory) and the round restarts from the first group without
+    it. The result then equals an all-at-once mean over the remaining clients, bit for bit.
     """
-    active = [client for client in weights]
+    active = list(clients)
+    weights: dict[ClientId, float] = {}
     left_out: dict[ClientId, str] = {}
     restarts = 0
     while True:
         if len(active) < min_clients:
-            raise TooFewClients(f"{len(active)} usable client(s), fewer than {min_clients}; left out: {left_out}")
+            raise TooFewClients(len(active), min_clients, left_out)
         try:
             with open_output() as sink:
                 for index, group in enumerate(groups):
                     mean = GroupMean.for_group(group, specs)
-                    for client in list(active):
-                        try:
-                            problem = mean.add(fetch(client, index), weights[client])
-                        except ClientFailed as failure:
-                            problem = f"failed: {failure}"
+                    for update in _in_order(list(active), fetch(list(active), index)):
+                        problem = update.problem
+                        if problem is None and update.client not in weights:  # first group of the first try
+                            weights[update.client] = update.weight
+                            if not (update.weight > 0 and math.isfinite(update.weight)):
+                                problem = f"weight must be positive and finite, got {update.weight}"
+                        if problem is None:
+                            with span("aggregate", group=index, client=update.client):
+                                problem = mean.add(update.tensors, weights[update.client])
                         if problem is None:
                             continue
                         reason = f"group {index + 1}/{len(groups)}: {problem}"
                         if index == 0:  # nothing of it was folded anywhere yet
-                            active.remove(client)
-                            left_out[client] = reason
+                            active.remove(update.client)
+                            left_out[update.client] = reason
                             continue
-                        raise _Restart(client, reason)
+                        raise _Restart(update.client, reason)
                     if mean.count < min_clients:
-                        raise TooFewClients(
-                            f"{mean.count} usable client(s), fewer than {min_clients}; left out: {left_out}"
-                        )
-                    for key, tensor in mean.result().items():
-                        sink.write(key, tensor)
+                        raise TooFewClients(mean.count, min_clients, left_out)
+                    with span("write", group=index):
+                        for key, tensor in mean.result().items():
+                            sink.write(key, tensor)
                     del mean
-            return StreamResult(aggregated=active, left_out=left_out, restarts=restarts)
+            return StreamResult(
+                aggregated=active, weights={c: weights[c] for c in active}, left_out=left_out, restarts=restarts
+            )
         except _Restart as restart:
             active.remove(restart.client)
             left_out[restart.client] = restart.reason
             restarts += 1
+
+
+def _in_order(order: Sequence[ClientId], arrivals: Iterable[Update[ClientId]]) -> Iterator[Update[ClientId]]:
+    """``arrivals`` re-sequenced into ``order``; a client that never arrives comes out as a failure."""
+    waiting: dict[ClientId, Update[ClientId]] = {}
+    position = 0
+    for update in arrivals:
+        if update.client not in order[position:] or update.client in waiting:
+            continue  # not asked, already answered, or a late reply of a client given up on
+        waiting[update.client] = update
+        while position < len(order) and order[position] in waiting:
+            yield waiting.pop(order[position])
+            position += 1
+    for client in order[position:]:
+        yield waiting.pop(client, None) or Update(client, problem="no reply")
 
 
 class _Restart(Exception):

@@ -78,11 +78,13 @@ class WorkerPaths:
         return cls(*(stem.with_suffix(suffix) for suffix in (".sock", ".key", ".lock", ".log", ".pid")))
 
 
-def run_round(content, context, profile):
-    """Send this round to the node's worker (starting it if needed) and return its reply content."""
+def handle(message_type, content, context, profile):
+    """Hand one message to the node's worker (starting it if needed) and return its reply content."""
     paths = WorkerPaths.for_node(context.node_id)
     request = {
+        "message_type": message_type,
         "content": content,
+        "run_id": context.run_id,
         "run_config": dict(context.run_config),
         "node_config": dict(context.node_config),
         "node_id": context.node_id,
@@ -183,7 +185,10 @@ def serve(socket: Path, key: Path, watch_pid: int, idle_timeout: float) -> None:
             try:
                 request = connection.recv()
                 profile = Recorder(node=request["node_id"]) if request["profile"] else OFF
-                content = client_round.train(request["content"], request["run_config"], request["node_config"], profile)
+                content = client_round.handle(
+                    request["message_type"], request["content"], request["run_config"], request["node_config"],
+                    request["run_id"], request["node_id"], profile,
+                )  # fmt: skip
                 response = {"content": content, "events": profile.events}
             except Exception as error:  # noqa: BLE001 - every failure goes back to the ClientApp, named
                 traceback.print_exc()

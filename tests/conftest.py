@@ -48,6 +48,17 @@ def tiny_config() -> RunConfig:
     return make_config()
 
 
+def train_content(adapter, server_round: int, learning_rate: float = 1e-3):
+    """A one-group ``train`` message's content carrying the whole global adapter, as the server sends it."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from flowertune_llm.transport import specs_of, specs_to_json, to_record
+
+    config = {"server-round": server_round, "learning-rate": learning_rate, "group": 0, "groups": 1,
+              "manifest": specs_to_json(specs_of(adapter)), "reply-keys": list(adapter)}  # fmt: skip
+    return RecordDict({"arrays": to_record(adapter), "config": ConfigRecord(config)})
+
+
 def profile_command(run_id: int, run_dir: Path, output_format: str, plot: Path) -> str:
     """Run `flowertune-llm profile` on a finished run as a user would; return what it printed."""
     completed = subprocess.run(

@@ -9,7 +9,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
 from flowertune_llm import data, models, training
-from flowertune_llm.checkpoint import save_adapter
+from flowertune_llm.exchange import Exchange
+from flowertune_llm.transport import specs_of
 
 from conftest import make_config
 
@@ -52,9 +53,8 @@ def test_checkpoint_loads_with_peft_from_another_directory(tiny_config, tmp_path
     model = models.build_peft_model(tiny_config.model)
     state = _randomized(models.get_adapter_state(model), seed=1)
     models.set_adapter_state(model, state)
-    checkpoint = save_adapter(
-        tmp_path / "round-1", {k: v.numpy() for k, v in state.items()}, models.lora_config(tiny_config.model)
-    )
+    exchange = Exchange.for_adapter(tiny_config, specs_of(state), models.lora_config(tiny_config.model))
+    checkpoint = exchange.write(tmp_path / "round-1", state)
     assert sorted(os.listdir(checkpoint)) == ["adapter_config.json", "adapter_model.safetensors"]
 
     elsewhere = tmp_path / "elsewhere"

@@ -18,7 +18,7 @@ from flowertune_llm.builtin.make_instructions import make_instructions
 from flowertune_llm.config import DatasetConfig, default_run_config, parse_run_config
 from flowertune_llm.data import format_dataset
 from flowertune_llm.profile_report import load_profile, summarize
-from flowertune_llm.strategy import to_array_record
+from flowertune_llm.transport import to_record
 
 from conftest import profile_command
 from flower_harness import simulation_superlink
@@ -77,7 +77,7 @@ def test_history_shows_falling_loss_and_exact_byte_counts(quickstart_run):
     assert (run_dir / "loss.png").stat().st_size > 10_000
 
     adapter = models.get_adapter_state(models.build_peft_model(QUICKSTART.model))
-    payload = to_array_record({k: v.numpy() for k, v in adapter.items()}).count_bytes()
+    payload = to_record(adapter).count_bytes()
     for record in history:
         assert len(record["nodes"]) == 3 and record["failures"] == {}
         assert record["bytes_down"] == payload * len(record["nodes"])

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from flowertune_llm import shards as shards_module
 from flowertune_llm import streaming as streaming_module
-from flowertune_llm.aggregation import weighted_mean as numpy_weighted_mean
 from flowertune_llm.shards import (
     CheckpointLayout,
     InsufficientDiskSpaceError,
@@ -32,7 +31,7 @@ from flowertune_llm.shards import (
     save_local_checkpoint,
 )
 from flowertune_llm.streaming import (
-    ClientFailed,
+    Update,
     GroupMean,
     TooFewClients,
     spec_mismatch,
@@ -326,6 +325,19 @@ def test_layerwise_equals_all_at_once_bit_for_bit(dtype, weights):
     assert not torch.equal(weighted_mean(states, weights[::-1])["lm_head.weight"], all_at_once["lm_head.weight"])
 
 
+def numpy_weighted_mean(states, weights, bf16=False):
+    return _load_bench("numpy_mean").weighted_mean(states, weights, bf16=bf16)
+
+
+def test_torch_mean_equals_the_numpy_weighted_mean_bit_for_bit_in_bf16():
+    states = [model_state(torch.bfloat16, seed=k, scale=3.0) for k in range(3)]
+    weights = [7, 2, 13]
+    expected = numpy_weighted_mean([{k: v.view(torch.int16).numpy().view(np.uint16) for k, v in s.items()} for s in states], weights, bf16=True)
+    got = weighted_mean(states, weights)
+    for key in expected:
+        assert got[key].view(torch.int16).numpy().view(np.uint16).tobytes() == expected[key].tobytes()
+
+
 @pytest.mark.parametrize("np_dtype", [np.float16, np.float32])
 def test_torch_mean_equals_the_numpy_weighted_mean_bit_for_bit(np_dtype):
     rng = np.random.default_rng(1)
@@ -410,24 +422,28 @@ def test_spec_mismatch_on_manifests():
 # --- the round, group by group, into a sharded checkpoint --------------------------------------------------
 
 
-def _run_round(tmp_path, states, weights, budget, name, poison=None, fail=None):
+def _run_round(tmp_path, states, weights, budget, name, poison=None, fail=None, arrival=list):
     specs = specs_of(states[0])
     groups = plan_groups(specs, budget)
     fetched = []
 
-    def fetch(client, g):
-        fetched.append((client, g))
-        if fail and (client, g) == fail:
-            raise ClientFailed("no reply within the round timeout")
-        group = take_group(states[client], groups[g])
-        if poison and (client, g) == poison:
-            key = next(iter(group))
-            group = {**group, key: torch.full_like(group[key], math.nan)}
-        return from_record(to_record(group))
+    def fetch(clients, g):
+        replies = []
+        for client in clients:
+            fetched.append((client, g))
+            if fail and (client, g) == fail:
+                replies.append(Update(client, problem="no reply within the round timeout"))
+                continue
+            group = take_group(states[client], groups[g])
+            if poison and (client, g) == poison:
+                key = next(iter(group))
+                group = {**group, key: torch.full_like(group[key], math.nan)}
+            replies.append(Update(client, from_record(to_record(group)), weight=weights[client]))
+        return arrival(replies)
 
     target = tmp_path / name
     result = streaming_fedavg(
-        specs, groups, dict(enumerate(weights)), fetch,
+        specs, groups, list(range(len(states))), fetch,
         lambda: ShardedCheckpointWriter(target, specs, max_shard_bytes=700), min_clients=1,
     )  # fmt: skip
     return result, target, groups, fetched
@@ -441,7 +457,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 def test_layerwise_and_all_at_once_write_byte_identical_checkpoints(tmp_path, dtype):
     states = [model_state(dtype, seed=k) for k in range(3)]
     weights = [4, 1, 9]
-    layer, layer_dir, groups, _ = _run_round(tmp_path, states, weights, 300, "layerwise")
+    # Replies arrive in a different order in each mode; folding follows client order regardless.
+    layer, layer_dir, groups, _ = _run_round(tmp_path, states, weights, 300, "layerwise", arrival=reversed)
     whole, whole_dir, single, _ = _run_round(tmp_path, states, weights, math.inf, "all_at_once")
     assert len(groups) > 3 and len(single) == 1
     assert layer.aggregated == whole.aggregated == [0, 1, 2]
@@ -475,11 +492,11 @@ def test_too_few_clients_stops_the_round_and_writes_nothing(tmp_path):
     specs = specs_of(states[0])
     groups = plan_groups(specs, 300)
 
-    def fetch(client, g):
-        raise ClientFailed("gone")
+    def fetch(clients, g):
+        return [Update(client, problem="gone") for client in clients]
 
     with pytest.raises(TooFewClients):
-        streaming_fedavg(specs, groups, {0: 1, 1: 1}, fetch, lambda: ShardedCheckpointWriter(tmp_path / "o", specs))
+        streaming_fedavg(specs, groups, [0, 1], fetch, lambda: ShardedCheckpointWriter(tmp_path / "o", specs))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 
 from flowertune_llm import models, worker
 from flowertune_llm.config import to_flat_dict
+from flowertune_llm.exchange import TRAIN
 from flowertune_llm.profiling import Recorder
 
-from conftest import make_config
+from conftest import make_config, train_content
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,7 @@ def _node():
 
 
 def _round_content(config, server_round):
-    adapter = models.get_adapter_state(models.build_peft_model(config.model))
-    return RecordDict(
-        {"arrays": ArrayRecord(adapter), "config": ConfigRecord({"server-round": server_round, "learning-rate": 1e-3})}
-    )
+    return train_content(models.get_adapter_state(models.build_peft_model(config.model)), server_round)
 
 
 def test_simulation_runs_in_process_and_deployment_uses_the_worker():
@@ -51,7 +49,7 @@ def test_the_worker_keeps_the_model_between_rounds(node):
     replies = []
     for server_round in (1, 2):
         profile = Recorder(node=77)
-        replies.append(worker.run_round(_round_content(config, server_round), context, profile))
+        replies.append(worker.handle(TRAIN, _round_content(config, server_round), context, profile))
         spans = {e["name"]: e for e in profile.events if e["kind"] == "span"}
         assert spans["worker_connect"]["started_worker"] == (server_round == 1)
         assert spans["model_load"]["cache_hit"] == (server_round == 2)  # loaded once, by the worker
@@ -66,10 +64,10 @@ def test_a_failed_round_reaches_the_caller_with_the_reason(node):
     bad = Context(run_id=1, node_id=77, node_config={"dataset-path": "/nowhere/data.jsonl"},
                   state=RecordDict(), run_config=context.run_config)  # fmt: skip
     with pytest.raises(worker.WorkerError, match="dataset-path='/nowhere/data.jsonl': no such file"):
-        worker.run_round(_round_content(config, 3), bad, Recorder(node=77))
+        worker.handle(TRAIN, _round_content(config, 3), bad, Recorder(node=77))
     # The worker survives a failed round and serves the next one, model still loaded.
     profile = Recorder(node=77)
-    assert worker.run_round(_round_content(config, 4), context, profile)["metrics"]["num-examples"] == 175
+    assert worker.handle(TRAIN, _round_content(config, 4), context, profile)["metrics"]["num-examples"] == 175
     assert [e["cache_hit"] for e in profile.events if e.get("name") == "model_load"] == [True]
 
 
