@@ -24,7 +24,13 @@ import torch
 from peft import PeftConfig
 
 from flowertune_llm.config import RunConfig
-from flowertune_llm.shards import DEFAULT_MAX_SHARD_BYTES, FILENAME_PATTERN, CheckpointLayout, ShardedCheckpointWriter
+from flowertune_llm.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FILENAME_PATTERN,
+    ONE_FILE,
+    CheckpointLayout,
+    ShardedCheckpointWriter,
+)
 from flowertune_llm.transport import Piece, TensorSpec, group_specs, plan_groups
 
 # Message types (Flower routes ``train.<action>`` to ``@app.train("<action>")``).
@@ -33,7 +39,6 @@ TRAIN = "train"  # train (the last group down may ride along); the reply carries
 SEND = "train.send"  # one more group of the node's update, up
 
 ADAPTER_FILENAME_PATTERN = "adapter_model{suffix}.safetensors"
-_ONE_FILE = 1 << 62  # PEFT reads a single adapter file, never shards
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Exchange:
             groups=plan_groups(specs, config.aggregation.max_message_bytes),
             checkpoint_files={"adapter_config.json": _adapter_config_json(peft_config)},
             filename_pattern=ADAPTER_FILENAME_PATTERN,
-            max_shard_bytes=_ONE_FILE,
+            max_shard_bytes=ONE_FILE,  # PEFT reads a single adapter file, never shards
         )
 
     @classmethod

@@ -10,7 +10,7 @@ is read back from those files through mmap, so the node never holds a second mat
     <state-dir>/node-<id>/
         run                               the run these files belong to (another run's are removed)
         round-<r>/received/manifest.json  every tensor's shape and dtype, from the server
-        round-<r>/received/group-<g>-of-<G>.safetensors
+        round-<r>/received/group-<g>-of-<G>/model.safetensors
         round-<r>/update/                 the node's trained update (a safetensors checkpoint)
         round-<r>/source.json             what this round's groups are served from
 """
@@ -27,11 +27,10 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flowertune_llm import builtin
-from flowertune_llm.shards import LocalCheckpoint, check_disk_space, save_local_checkpoint
-from flowertune_llm.transport import Piece, TensorSpec, specs_from_json
+from flowertune_llm.shards import ONE_FILE, LocalCheckpoint, ShardedCheckpointWriter, check_disk_space, save_local_checkpoint
+from flowertune_llm.transport import Piece, TensorSpec, specs_from_json, specs_of
 
 STATE_DIR_KEY = "state-dir"  # node config: where a node keeps its round state (default: the package cache)
 
@@ -61,7 +60,7 @@ class ReceivedGroups:
     def __init__(self, directory: Path):
         self.directory = directory
         self.specs = specs_from_json((directory / "manifest.json").read_text())
-        self.files = sorted(directory.glob("group-*.safetensors"))
+        self.files = sorted(directory.glob("group-*/*.safetensors"))
         self._handles: dict[str, Any] = {}
 
     def __enter__(self) -> ReceivedGroups:
@@ -129,19 +128,21 @@ class NodeState:
             needed = sum(spec.nbytes for spec in specs_from_json(manifest).values())
             check_disk_space(directory, needed, what="the global model this node receives")
             _atomic_write(directory / "manifest.json", manifest.encode())
-        target = directory / f"group-{index:06d}-of-{total:06d}.safetensors"
-        fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
-        os.close(fd)
-        save_file(dict(tensors), scratch)
-        os.replace(scratch, target)
+        # Our writer, not safetensors' save_file: Flower's Deployment Engine sends identical arrays once, so
+        # tensors of one group can share memory (every zero-initialised LoRA B), which save_file refuses.
+        # Keys are written as they are (Piece(key)): a row range is stored under its own key.
+        target = directory / f"group-{index:06d}-of-{total:06d}"
+        with ShardedCheckpointWriter(target, specs_of(tensors), max_shard_bytes=ONE_FILE) as writer:
+            for key, tensor in tensors.items():
+                writer.write(Piece(key), tensor)
 
     def received(self, server_round: int) -> ReceivedGroups | None:
         """What the server sent this round, if it all arrived."""
         directory = self._round(server_round) / "received"
-        files = sorted(directory.glob("group-*-of-*.safetensors"))
+        files = sorted(directory.glob("group-*-of-*"))
         if not (directory / "manifest.json").is_file() or not files:
             return None
-        total = int(files[0].stem.rsplit("-of-", 1)[1])
+        total = int(files[0].name.rsplit("-of-", 1)[1])
         if len(files) != total:
             raise RuntimeError(f"received {len(files)} of {total} groups of round {server_round} ({directory})")
         return ReceivedGroups(directory)

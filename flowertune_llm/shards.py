@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from flowertune_llm.transport import Piece, TensorSpec, specs_of
 
+ONE_FILE = 1 << 62  # a shard size no checkpoint reaches: everything in one file
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB: huggingface_hub's and transformers' historical default
 INDEX_NAME = "model.safetensors.index.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
@@ -385,6 +386,11 @@ def read_safetensors_header(path: Path | str) -> tuple[dict[str, dict], int]:
     return header, 8 + length
 
 
+def _indexed_names(path: Path) -> set[str] | None:
+    indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
+    return set(json.loads(indexes[0].read_text())["weight_map"]) if len(indexes) == 1 else None
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -413,9 +419,12 @@ class LocalCheckpoint:
         self.files = _checkpoint_files(self.path)
         located: list[tuple[int, int, str, TensorSpec]] = []
         self._file_of: dict[str, int] = {}
+        listed = _indexed_names(self.path)  # an index defines the checkpoint: tensors it omits are not part of it
         for number, file in enumerate(self.files):
             header, _ = read_safetensors_header(file)
             for name, entry in header.items():
+                if listed is not None and name not in listed:
+                    continue
                 if name in self._file_of:
                     raise ValueError(f"{name} appears in both {self.files[self._file_of[name]].name} and {file.name}")
                 if entry["dtype"] not in TORCH_DTYPES:

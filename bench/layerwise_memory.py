@@ -1,0 +1,288 @@
+"""The memory experiment: server and client peak memory of layer-wise vs all-at-once FedAvg, against k and N.
+
+Synthetic Llama-3.1-70B-shaped models (bench/synthetic_llama.py: hidden 8192, intermediate 28672, 64 heads,
+8 KV heads, vocab 128256, random bf16) with k decoder layers are averaged in aggregation-only rounds
+(``max-steps=0``, full weights) by the app's own round loop (``StreamingFedAvg``) and the app's own client
+handlers (``client_round.handle``), each client in its own process. The grid between them
+(``process_grid.py``) passes Flower ``Message`` contents over pipes, so what is measured is the app, not
+Flower's transport (the SuperLink's message buffers are not in these figures).
+
+Every configuration runs in a fresh server process (``--one``), so peaks do not carry over. Recorded per
+process: ``VmHWM`` (peak resident set, file pages included) and the peak of anonymous memory (``RssAnon``,
+sampled every 20 ms: what the process itself allocated; mmapped model pages are reclaimable page cache).
+
+Client models: ``--distinct`` models are built once at the largest k (seeds 0..distinct-1, client i holds
+model i mod distinct); smaller k are views (symlinked shards, an index listing a subset of tensors).
+
+The throughput target compares the layer-wise round's bytes per second (client bytes averaged / round
+seconds) with a plain in-memory NumPy weighted mean (bench/numpy_mean.py) of one decoder layer from N
+clients, measured in the same run.
+
+Usage (from the repository root)::
+
+    python bench/layerwise_memory.py --work /var/tmp/lw --layers 1 2 4 --clients 2 4 \\
+        --compare-vocab 8192 --compare-layers 1 --out bench/results/layerwise_memory.json
+
+Prints JSON; with ``--out`` writes it there and a plot beside it (``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+def _layer_names(specs, layers: int) -> list[str]:
+    keep = []
+    for name in specs:
+        if ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) >= layers:
+            continue
+        keep.append(name)
+    return keep
+
+
+def model_view(full: Path, layers: int, out: Path) -> Path:
+    """``full`` restricted to its first ``layers`` decoder layers, without copying a byte of weights."""
+    from flowertune_llm.shards import INDEX_NAME, LocalCheckpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = LocalCheckpoint(full)
+    names = _layer_names(checkpoint.specs, layers)
+    for file in checkpoint.files:
+        link = out / file.name
+        if not link.exists():
+            link.symlink_to(file)
+    file_of = {name: checkpoint.files[checkpoint._file_of[name]].name for name in names}
+    total = sum(checkpoint.specs[n].nbytes for n in names)
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": file_of}))
+    config = json.loads((full / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def build_models(work: Path, layers: int, distinct: int, vocab: int | None) -> list[Path]:
+    import synthetic_llama
+
+    models = []
+    for seed in range(distinct):
+        out = work / f"models-v{vocab or 'full'}" / f"llama70b-{layers}l-seed{seed}"
+        if not (out / "config.json").exists():
+            overrides = {"vocab_size": vocab} if vocab else {}
+            summary = synthetic_llama.build(out, layers, seed=seed, **overrides)
+            print(f"built {out} ({summary['bytes_on_disk'] / 1e9:.1f} GB, {summary['seconds']} s)", file=sys.stderr)
+        models.append(out)
+    return models
+
+
+# --- one configuration, in its own process --------------------------------------------------------------------
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    from process_grid import ProcessGrid, memory_sampler
+
+    from flowertune_llm import models
+    from flowertune_llm.checkpoint import RunDirectory
+    from flowertune_llm.config import default_run_config, parse_run_config
+    from flowertune_llm.exchange import Exchange
+    from flowertune_llm.strategy import StreamingFedAvg
+
+    sampler = memory_sampler()
+    base = sampler.snapshot()
+    client_models = [Path(p) for p in args.models]
+    flat = default_run_config() | {
+        "model.name": str(client_models[0]), "model.quantization": 0, "model.device-map": "cpu",
+        "train.training-arguments.max-steps": 0, "num-server-rounds": 1, "strategy.fraction-train": 1.0,
+        "strategy.min-train-nodes": args.clients, "aggregation.mode": args.mode,
+        "aggregation.max-message-mb": args.max_message_mb, "output.dir": str(args.run_root),
+    }  # fmt: skip
+    config = parse_run_config(flat)
+    specs, files = models.weight_manifest(config.model.name)
+    exchange = Exchange.for_full_model(config, specs, files)
+    node_configs = [
+        {"model-path": str(client_models[i % len(client_models)]), "state-dir": str(args.run_root / "node-state")}
+        for i in range(args.clients)
+    ]
+    run_dir = RunDirectory.create(config.output.root, f"{args.mode}-n{args.clients}-k{args.layers}", {})
+    with ProcessGrid(node_configs, flat) as grid:
+        strategy = StreamingFedAvg(config, run_dir, exchange)
+        sampler.reset()
+        start = time.perf_counter()
+        final = strategy.run(grid, None)
+        seconds = time.perf_counter() - start
+        server = sampler.snapshot()
+        clients = grid.memory()
+    record = strategy.history[0]
+    model_bytes = sum(spec.nbytes for spec in specs.values())
+    result = {
+        "mode": args.mode, "clients": args.clients, "layers": args.layers, "vocab": args.vocab or 128256,
+        "groups": record.groups, "aggregated": len(record.aggregated), "failures": record.failures,
+        "model_gb": model_bytes / 1e9, "round_seconds": round(seconds, 2),
+        "client_gb_per_s": round(args.clients * model_bytes / seconds / 1e9, 3),
+        "server_base_mb": round(base["anon_mb"]), "server_peak_anon_mb": round(server["peak_anon_mb"]),
+        "server_vmhwm_mb": round(server["vmhwm_mb"]),
+        "client_peak_anon_mb": max(round(c["peak_anon_mb"]) for c in clients),
+        "client_vmhwm_mb": max(round(c["vmhwm_mb"]) for c in clients),
+        "bytes_up": record.bytes_up,
+    }  # fmt: skip
+    import shutil
+
+    shutil.rmtree(final)
+    return result
+
+
+def numpy_baseline(model: Path, clients: int, repeats: int = 2) -> dict:
+    """A plain NumPy weighted mean of decoder layer 0 from ``clients`` in-memory copies (distinct values)."""
+    import numpy as np
+    import numpy_mean
+    import torch
+
+    from flowertune_llm.shards import LocalCheckpoint
+
+    with LocalCheckpoint(model) as checkpoint:
+        names = [n for n in checkpoint.specs if ".layers.0." in n]
+        layer = {n: checkpoint.tensor(n).view(torch.int16).numpy().view(np.uint16).copy() for n in names}
+    states = [layer] + [{n: (a ^ np.uint16(i)) for n, a in layer.items()} for i in range(1, clients)]
+    nbytes = clients * sum(a.nbytes for a in layer.values())
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        numpy_mean.weighted_mean(states, [1.0 + i for i in range(clients)], bf16=True)
+        best = min(best, time.perf_counter() - start)
+    return {"clients": clients, "bytes": nbytes, "seconds": round(best, 3), "gb_per_s": round(nbytes / best / 1e9, 3)}
+
+
+# --- the sweep ---------------------------------------------------------------------------------------------------
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    results = {"machine": _machine(), "max_message_mb": args.max_message_mb, "runs": [], "numpy": []}
+    plan = [("layerwise", n, k, None) for n in args.clients for k in args.layers]
+    plan += [(mode, n, k, args.compare_vocab) for mode in ("layerwise", "all_at_once")
+             for n in args.compare_clients for k in args.compare_layers]  # fmt: skip
+    for mode, clients, layers, vocab in plan:
+        top = max(args.layers) if vocab is None else max(args.compare_layers)
+        full_models = build_models(args.work, top, args.distinct, vocab)
+        views = [model_view(m, layers, args.work / "views" / f"v{vocab or 'full'}-k{layers}" / m.name)
+                 for m in full_models]  # fmt: skip
+        command = [sys.executable, __file__, "--one", "--mode", mode, "--clients", str(clients), "--layers",
+                   str(layers), "--max-message-mb", str(args.max_message_mb), "--run-root", str(args.work / "runs"),
+                   "--models", *map(str, views)] + (["--vocab", str(vocab)] if vocab else [])  # fmt: skip
+        print(f"running {mode} N={clients} k={layers} vocab={vocab or 128256}", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            results["runs"].append({"mode": mode, "clients": clients, "layers": layers, "vocab": vocab or 128256,
+                                    "error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]})  # fmt: skip
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        results["runs"].append(row)
+    for clients in args.clients:
+        results["numpy"].append(numpy_baseline(build_models(args.work, max(args.layers), args.distinct, None)[0], clients))
+    _targets(results)
+    return results
+
+
+def _targets(results: dict) -> None:
+    runs = [r for r in results["runs"] if "error" not in r]
+    full = [r for r in runs if r["vocab"] == 128256 and r["mode"] == "layerwise"]
+    flat = {}
+    for clients in sorted({r["clients"] for r in full}):
+        peaks = [r["server_peak_anon_mb"] for r in full if r["clients"] == clients]
+        flat[str(clients)] = round(max(peaks) / min(peaks) - 1, 3)
+    compare = {}
+    for r in runs:
+        if r["vocab"] != 128256:
+            compare.setdefault((r["clients"], r["layers"]), {})[r["mode"]] = r["server_peak_anon_mb"]
+    ratios = {f"N={n},k={k}": round(v["layerwise"] / v["all_at_once"], 3)
+              for (n, k), v in compare.items() if len(v) == 2}  # fmt: skip
+    numpy_rate = {r["clients"]: r["gb_per_s"] for r in results["numpy"]}
+    throughput = {f"N={r['clients']},k={r['layers']}": round(r["client_gb_per_s"] / numpy_rate[r["clients"]], 3)
+                  for r in full if r["clients"] in numpy_rate}  # fmt: skip
+    results["targets"] = {
+        "layerwise_server_peak_growth_over_k": flat,  # (max/min - 1) across k, per N: target <= 0.10
+        "layerwise_over_all_at_once_server_peak": ratios,  # target <= 0.25
+        "layerwise_over_numpy_bytes_per_s": throughput,  # target >= 0.5
+    }
+
+
+def _machine() -> dict:
+    import platform
+
+    import psutil
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)}  # fmt: skip
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    runs = [r for r in results["runs"] if "error" not in r]
+    for clients in sorted({r["clients"] for r in runs if r["vocab"] == 128256}):
+        rows = sorted((r for r in runs if r["vocab"] == 128256 and r["clients"] == clients), key=lambda r: r["layers"])
+        ks = [r["layers"] for r in rows]
+        axes[0].plot(ks, [r["server_peak_anon_mb"] / 1024 for r in rows], "o-", label=f"server, N={clients}")
+        axes[0].plot(ks, [r["client_peak_anon_mb"] / 1024 for r in rows], "s--", label=f"client, N={clients}")
+    axes[0].set_xlabel("decoder layers k (Llama-3.1-70B shapes)")
+    axes[0].set_ylabel("peak anonymous memory (GiB)")
+    axes[0].set_title("layer-wise: peak memory vs k")
+    axes[0].legend(fontsize=7)
+    compare = [r for r in runs if r["vocab"] != 128256]
+    labels = [f"{r['mode']}\nN={r['clients']} k={r['layers']}" for r in compare]
+    axes[1].bar(labels, [r["server_peak_anon_mb"] / 1024 for r in compare], color="tab:blue", label="server")
+    axes[1].bar(labels, [r["client_peak_anon_mb"] / 1024 for r in compare], color="tab:orange", alpha=0.6,
+                label="one client")  # fmt: skip
+    axes[1].set_ylabel("peak anonymous memory (GiB)")
+    axes[1].set_title(f"both modes, vocab {compare[0]['vocab'] if compare else '-'}")
+    axes[1].legend(fontsize=7)
+    axes[1].tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/flowertune-layerwise"))
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--distinct", type=int, default=2, help="distinct client models (disk: each is a model)")
+    parser.add_argument("--compare-vocab", type=int, default=8192, help="vocab for the both-modes comparison")
+    parser.add_argument("--compare-layers", type=int, nargs="+", default=[1])
+    parser.add_argument("--compare-clients", type=int, nargs="+", default=[2])
+    parser.add_argument("--max-message-mb", type=float, default=256)
+    parser.add_argument("--out", type=Path)
+    # one configuration (internal)
+    parser.add_argument("--one", action="store_true")
+    parser.add_argument("--mode", default="layerwise")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--run-root", type=Path)
+    args = parser.parse_args()
+    if args.one:
+        args.clients, args.layers = args.clients[0], args.layers[0]
+        print(json.dumps(run_one(args)))
+        return
+    results = sweep(args)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
