@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from flowertune_llm import data, models, training
 from flowertune_llm.config import RunConfig, parse_run_config

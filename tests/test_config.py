@@ -40,7 +40,9 @@ def test_numbers_are_coerced_where_unambiguous():
         ("train.learning-rate-max", 1e-7, "must be >= train.learning-rate-min"),
         ("static.dataset.format", "poetry", "unknown challenge"),
         ("model.lora.target-modules", "q_proj,,v_proj", "comma-separated"),
-        ("train.training-arguments.max-steps", -5, "positive integer"),
+        ("train.training-arguments.max-steps", -5, "or 0 for an aggregation-only run"),
+        ("aggregation.mode", "per_layer", "allowed: layerwise, all_at_once"),
+        ("aggregation.max-message-mb", 0, "must be > 0"),
         ("num-server-rounds", 0, "positive integer"),
         ("model.quantization", "4", "expected int"),
         ("model.lora.use-dora", 1, "expected bool"),
@@ -51,6 +53,16 @@ def test_bad_values_name_the_key(key, value, message):
         make_config(**{key: value})
     assert error.value.key == key
     assert f"`{key}`" in str(error.value)
+
+
+def test_aggregation_only_runs_of_an_unquantized_model_exchange_the_whole_model():
+    full = make_config(**{"train.training-arguments.max-steps": 0, "model.quantization": 0})
+    assert full.aggregation_only and full.exchanges_full_weights
+    adapter = make_config(**{"train.training-arguments.max-steps": 0, "model.quantization": 4})
+    assert adapter.aggregation_only and not adapter.exchanges_full_weights
+    assert not make_config().aggregation_only
+    assert make_config(**{"aggregation.mode": "all_at_once"}).aggregation.max_message_bytes == float("inf")
+    assert make_config(**{"aggregation.max-message-mb": 2}).aggregation.max_message_bytes == 2 * 2**20
 
 
 def test_unknown_key_is_refused():

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from uuid import uuid4
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Error, Message
@@ -31,7 +30,7 @@ from flowertune_llm.strategy import RoundFailed, StreamingFedAvg
 from flowertune_llm.streaming import weighted_mean
 from flowertune_llm.transport import specs_of, to_record
 
-from conftest import make_config, train_content
+from conftest import make_config
 
 Behaviour = Callable[[Message], Message | None]  # None: the node never answers
 
