@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ def model_view(full: Path, layers: int, out: Path) -> Path:
         link = out / file.name
         if not link.exists():
             link.symlink_to(file)
-    file_of = {name: checkpoint.files[checkpoint._file_of[name]].name for name in names}
+    file_of = {name: checkpoint.file_of(name).name for name in names}
     total = sum(checkpoint.specs[n].nbytes for n in names)
     (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": file_of}))
     config = json.loads((full / "config.json").read_text())
@@ -134,8 +135,6 @@ def run_one(args: argparse.Namespace) -> dict:
         "client_vmhwm_mb": max(round(c["vmhwm_mb"]) for c in clients),
         "bytes_up": record.bytes_up,
     }  # fmt: skip
-    import shutil
-
     shutil.rmtree(final)
     return result
 

@@ -19,25 +19,36 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 
-
 @contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a scratch file beside ``target``; rename it over ``target`` only if the block succeeds."""
+def atomic_path(target: Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a scratch file beside ``target``; fsync it and rename it over ``target`` only if the block succeeds.
+
+    The scratch file is created owner-only (mkstemp), so a private key is never readable by others, and gets
+    ``mode`` just before the rename.
+    """
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     scratch = Path(name)
     try:
         yield scratch
-        scratch.chmod(0o644)  # mkstemp creates owner-only files; outputs get the usual permissions
+        with scratch.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        scratch.chmod(mode)
         os.replace(scratch, target)
     finally:
         scratch.unlink(missing_ok=True)
 
 
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    with atomic_path(path, mode) as scratch:
+        scratch.write_bytes(data)
+    return Path(path)
+
+
 def write_json(path: Path, value: Any) -> None:
-    with _atomic_path(path) as scratch:
-        scratch.write_text(json.dumps(value, indent=2) + "\n")
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 class RunDirectory:
@@ -74,6 +85,6 @@ class RunDirectory:
         lr_axis.set_ylabel("learning rate", color="tab:gray")
         loss_axis.set_title(f"run {self.path.name}")
         fig.tight_layout()
-        with _atomic_path(self.path / "loss.png") as scratch:
+        with atomic_path(self.path / "loss.png") as scratch:
             fig.savefig(scratch, format="png")
         plt.close(fig)

@@ -58,16 +58,20 @@ class Exchange:
     def layout(self) -> CheckpointLayout:
         return CheckpointLayout.plan(self.specs, self.max_shard_bytes, filename_pattern=self.filename_pattern)
 
-    def write(self, target: Path, state: Mapping[str, torch.Tensor]) -> Path:
-        """Write a whole state (the initial adapter) as a checkpoint in this exchange's layout."""
+    def writer(self, target: Path) -> ShardedCheckpointWriter:
+        """A writer of a checkpoint in this exchange's layout, its config files included at commit."""
         writer = ShardedCheckpointWriter(
             target, self.specs, max_shard_bytes=self.max_shard_bytes, filename_pattern=self.filename_pattern
         )
-        with writer:
+        for name, content in self.checkpoint_files.items():
+            writer.add_file(name, content)
+        return writer
+
+    def write(self, target: Path, state: Mapping[str, torch.Tensor]) -> Path:
+        """Write a whole state (the initial adapter) as a checkpoint in this exchange's layout."""
+        with self.writer(target) as writer:
             for name, tensor in state.items():
                 writer.write(name, tensor)
-            for name, content in self.checkpoint_files.items():
-                writer.add_file(name, content)
         return target
 
     def group_keys(self, index: int) -> list[str]:

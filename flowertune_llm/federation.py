@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowertune_llm.checkpoint import write_atomic
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
@@ -65,30 +67,6 @@ BIN_DIR = Path(sys.executable).parent  # where pip put flwr's console scripts
 
 class FederationError(RuntimeError):
     """A Flower process or `flwr` CLI call of the local federation misbehaved."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Files
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to a temporary name next to ``path``, created with ``mode``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it; never widen a key's mode beyond `mode`
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------

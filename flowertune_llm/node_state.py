@@ -18,9 +18,7 @@ is read back from those files through mmap, so the node never holds a second mat
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from flowertune_llm import builtin
+from flowertune_llm.checkpoint import write_atomic, write_json
 from flowertune_llm.shards import ONE_FILE, LocalCheckpoint, ShardedCheckpointWriter, check_disk_space, save_local_checkpoint
 from flowertune_llm.transport import Piece, TensorSpec, specs_from_json, specs_of
 
@@ -45,13 +44,6 @@ class WeightSource(Protocol):
     def __enter__(self) -> WeightSource: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-def _atomic_write(path: Path, content: bytes) -> None:
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-    os.replace(scratch, path)
 
 
 class ReceivedGroups:
@@ -105,7 +97,7 @@ class NodeState:
         if not marker.is_file() or marker.read_text() != str(run_id):
             shutil.rmtree(root, ignore_errors=True)  # another run's weights: possibly a whole model's worth
             root.mkdir(parents=True, exist_ok=True)
-            _atomic_write(marker, str(run_id).encode())
+            write_atomic(marker, str(run_id).encode())
         return cls(root)
 
     def _round(self, server_round: int) -> Path:
@@ -127,7 +119,7 @@ class NodeState:
         if manifest is not None:
             needed = sum(spec.nbytes for spec in specs_from_json(manifest).values())
             check_disk_space(directory, needed, what="the global model this node receives")
-            _atomic_write(directory / "manifest.json", manifest.encode())
+            write_atomic(directory / "manifest.json", manifest.encode())
         # Our writer, not safetensors' save_file: Flower's Deployment Engine sends identical arrays once, so
         # tensors of one group can share memory (every zero-initialised LoRA B), which save_file refuses.
         # Keys are written as they are (Piece(key)): a row range is stored under its own key.
@@ -152,7 +144,7 @@ class NodeState:
 
     def serve_from(self, server_round: int, path: Path) -> None:
         """Record that this round's groups come from ``path`` (a checkpoint, or the received groups)."""
-        _atomic_write(self._round(server_round) / "source.json", json.dumps({"path": str(path)}).encode())
+        write_json(self._round(server_round) / "source.json", {"path": str(path)})
 
     def source(self, server_round: int) -> WeightSource:
         record = self._round(server_round) / "source.json"

@@ -386,24 +386,20 @@ def read_safetensors_header(path: Path | str) -> tuple[dict[str, dict], int]:
     return header, 8 + length
 
 
-def _indexed_names(path: Path) -> set[str] | None:
-    indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
-    return set(json.loads(indexes[0].read_text())["weight_map"]) if len(indexes) == 1 else None
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
+def _checkpoint_files(path: Path) -> tuple[list[Path], set[str] | None]:
+    """The checkpoint's safetensors files, and the tensor names its index lists (None without an index)."""
     if path.is_file():
-        return [path]
+        return [path], None
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ValueError(f"{path} holds several safetensors indexes: {[p.name for p in indexes]}")
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        return [path / name for name in sorted(set(weight_map.values()))], set(weight_map)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors checkpoint in {path}")
-    return files
+    return files, None
 
 
 class LocalCheckpoint:
@@ -416,10 +412,10 @@ class LocalCheckpoint:
 
     def __init__(self, path: Path | str):
         self.path = Path(path).expanduser()
-        self.files = _checkpoint_files(self.path)
+        # An index defines the checkpoint: tensors its shards hold but it omits are not part of it.
+        self.files, listed = _checkpoint_files(self.path)
         located: list[tuple[int, int, str, TensorSpec]] = []
         self._file_of: dict[str, int] = {}
-        listed = _indexed_names(self.path)  # an index defines the checkpoint: tensors it omits are not part of it
         for number, file in enumerate(self.files):
             header, _ = read_safetensors_header(file)
             for name, entry in header.items():
@@ -441,6 +437,10 @@ class LocalCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self._handles = None
+
+    def file_of(self, name: str) -> Path:
+        """The shard file holding tensor ``name``."""
+        return self.files[self._file_of[name]]
 
     def _handle(self, name: str):
         if self._handles is None:

@@ -20,6 +20,7 @@ The global model between rounds is the previous round's checkpoint on disk, read
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
@@ -76,7 +77,6 @@ class StreamingFedAvg:
         self.history: list[RoundRecord] = []
         self._rng = random.Random(config.train.seed)
         self._budget_warned = False
-        self._sent_at = time.perf_counter()  # when the latest push went out: arrivals are timed from it
 
     @property
     def total_bytes(self) -> int:
@@ -105,17 +105,17 @@ class StreamingFedAvg:
                     with self.profile.span("history"):
                         self.run_dir.save_history([asdict(r) for r in self.history])
             self._log_round(record)
-            if current is not None and not self._kept(current):
+            if current is not None and not self._kept(server_round - 1):
                 shutil.rmtree(current)  # the previous global model, superseded and not a saved checkpoint
             current = output
-            if self._kept(output):
+            if self._kept(server_round):
                 log.info("Saved the round-%d %s to %s", server_round, self.exchange.label, output)
             self.profile.memory()
         return current
 
-    def _kept(self, checkpoint: Path) -> bool:
-        """Checkpoints of every ``save-every-round``-th round and of the last round stay; the others are scratch."""
-        server_round = int(checkpoint.name.removeprefix("round-"))
+    def _kept(self, server_round: int) -> bool:
+        """Checkpoints of every ``save-every-round``-th round and of the last round stay; the others (and the
+        initial round-0 adapter) are scratch."""
         return server_round > 0 and (
             server_round % self.config.train.save_every_round == 0 or server_round == self.config.num_server_rounds
         )
@@ -171,10 +171,7 @@ class StreamingFedAvg:
 
     @contextmanager
     def _output(self, target: Path) -> Iterator[ShardedCheckpointWriter]:
-        exchange = self.exchange
-        writer = ShardedCheckpointWriter(
-            target, exchange.specs, max_shard_bytes=exchange.max_shard_bytes, filename_pattern=exchange.filename_pattern
-        )
+        writer = self.exchange.writer(target)
         with self.profile.span("checkpoint", step="open"):
             writer.open()
         try:
@@ -183,8 +180,6 @@ class StreamingFedAvg:
             writer.abort()
             raise
         with self.profile.span("checkpoint", step="commit"):
-            for name, content in exchange.checkpoint_files.items():
-                writer.add_file(name, content)
             writer.commit()
 
     # --- messages ----------------------------------------------------------------------------------------------
@@ -230,7 +225,6 @@ class StreamingFedAvg:
         for node in nodes:
             record.bytes_down += message_bytes
             self.profile.emit({"kind": "message", "node": node, "direction": "down", "bytes": message_bytes})
-        self._sent_at = time.perf_counter()
         return pending
 
     def _collect(self, grid: Grid, pending: dict[str, int], record: RoundRecord, decode) -> Iterator[Update[int]]:
@@ -240,6 +234,7 @@ class StreamingFedAvg:
         messages' TTL from when they were sent.
         """
         pending, asked = dict(pending), len(pending)
+        started = time.perf_counter()  # every collect starts right after its push: arrivals are timed from here
         deadline = time.monotonic() + self.config.strategy.round_timeout
         waited, wait_start = 0.0, time.time()
         try:
@@ -253,7 +248,7 @@ class StreamingFedAvg:
                     node = pending.pop(reply.metadata.reply_to_message_id)
                     self.profile.emit(
                         {"kind": "arrival", "node": node, "order": asked - len(pending),
-                         "seconds": time.perf_counter() - self._sent_at}
+                         "seconds": time.perf_counter() - started}
                     )  # fmt: skip
                     yield self._check_reply(reply, node, record, decode)
             for node in pending.values():
@@ -289,7 +284,7 @@ class StreamingFedAvg:
         weight = float(metrics.get("weight", 0))
         if not self.config.aggregation_only:
             loss = float(metrics.get("train_loss", float("nan")))
-            if not loss == loss or loss in (float("inf"), float("-inf")):
+            if not math.isfinite(loss):
                 return Update(node, problem=f"update rejected: train_loss={loss}")
             losses[node] = loss
         update = self._decode_group(content, node)

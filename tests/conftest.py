@@ -48,6 +48,17 @@ def tiny_config() -> RunConfig:
     return make_config()
 
 
+def load_bench(name: str):
+    """A module of ``bench/`` (not a package), e.g. the NumPy baseline the tests hold the mean to."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def train_content(adapter, server_round: int, learning_rate: float = 1e-3):
     """A one-group ``train`` message's content carrying the whole global adapter, as the server sends it."""
     from flwr.app import ConfigRecord, RecordDict

@@ -7,31 +7,24 @@ must write byte-identical checkpoints. Every process is stopped by PID in the fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_bench
 from flower_harness import SuperLinkHandle
 
 from flowertune_llm.federation import LocalFederation
 from flowertune_llm.shards import LocalCheckpoint
 
-from test_layerwise_simulation import small_llama
+from test_layerwise_simulation import aggregation_only_run, small_llama
 
 pytestmark = pytest.mark.deployment
 
 APP_DIR = Path(__file__).resolve().parents[1]
 WEIGHTS = (1.0, 3.0)
-
-
-def numpy_weighted_mean():
-    spec = importlib.util.spec_from_file_location("numpy_mean", APP_DIR / "bench" / "numpy_mean.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.weighted_mean
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +50,7 @@ def runs(tmp_path_factory):
             output_dir = tmp / f"runs-{mode}"
             result = link.run_app(
                 APP_DIR,
-                run_config=(
-                    f"model.name='{models[0]}' model.quantization=0 train.training-arguments.max-steps=0 "
-                    f"num-server-rounds=2 strategy.fraction-train=1.0 aggregation.mode='{mode}' "
-                    f"aggregation.max-message-mb=0.1 output.dir='{output_dir}'"
-                ),
+                run_config=aggregation_only_run(models[0], mode, output_dir),
                 timeout=300,
             )
             results[mode] = (result, output_dir / str(result.run_id))
@@ -71,9 +60,7 @@ def runs(tmp_path_factory):
 
 def test_two_nodes_give_the_exact_weighted_mean_in_both_modes(runs):
     results, models = runs
-    expected_bits = numpy_weighted_mean()(
-        [_bits(model) for model in models], WEIGHTS, bf16=True
-    )
+    expected_bits = load_bench("numpy_mean").weighted_mean([_bits(model) for model in models], WEIGHTS, bf16=True)
     outputs = {}
     for mode, (result, run_dir) in results.items():
         assert result.ok, result.details

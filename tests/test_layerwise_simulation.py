@@ -34,6 +34,15 @@ def small_llama(directory: Path, dtype: torch.dtype, seed: int = 0) -> Path:
     return directory
 
 
+def aggregation_only_run(model_dir: Path, mode: str, output_dir: Path, extra: str = "") -> str:
+    """The run config of a 2-round aggregation-only run of the whole model at ``model_dir``, in ~0.1 MiB groups."""
+    return (
+        f"model.name='{model_dir}' model.quantization=0 train.training-arguments.max-steps=0 num-server-rounds=2 "
+        f"strategy.fraction-train=1.0 aggregation.mode='{mode}' aggregation.max-message-mb=0.1 "
+        f"output.dir='{output_dir}' {extra}"
+    ).strip()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("layerwise")
@@ -46,12 +55,11 @@ def runs(tmp_path_factory):
                 # The dataset does not exist: an aggregation-only run must never look for it.
                 result = link.run_app(
                     APP_DIR,
-                    run_config=(
-                        f"model.name='{model_dir}' model.quantization=0 model.device-map='cpu' "
-                        "train.training-arguments.max-steps=0 num-server-rounds=2 strategy.fraction-train=1.0 "
-                        f"aggregation.mode='{mode}' aggregation.max-message-mb=0.1 profile.enabled=true "
-                        f"static.dataset.name='{tmp_path / 'no-such-dataset.jsonl'}' output.dir='{output_dir}'"
-                    ),
+                    run_config=aggregation_only_run(
+                        model_dir, mode, output_dir,
+                        f"model.device-map='cpu' profile.enabled=true "
+                        f"static.dataset.name='{tmp_path / 'no-such-dataset.jsonl'}'",
+                    ),  # fmt: skip
                     federation_config="num-supernodes=3 client-resources-num-cpus=1",
                 )
                 results[dtype, mode] = (result, model_dir, output_dir / str(result.run_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -52,6 +51,8 @@ from flowertune_llm.transport import (
     take_group,
     to_record,
 )
+
+from conftest import load_bench
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -326,7 +327,7 @@ def test_layerwise_equals_all_at_once_bit_for_bit(dtype, weights):
 
 
 def numpy_weighted_mean(states, weights, bf16=False):
-    return _load_bench("numpy_mean").weighted_mean(states, weights, bf16=bf16)
+    return load_bench("numpy_mean").weighted_mean(states, weights, bf16=bf16)
 
 
 def test_torch_mean_equals_the_numpy_weighted_mean_bit_for_bit_in_bf16():
@@ -717,18 +718,10 @@ def test_save_local_checkpoint_keeps_tied_weights_under_both_names(tmp_path):
 # --- synthetic model ---------------------------------------------------------------------------------------
 
 
-def _load_bench(name: str):
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_synthetic_llama_is_a_loadable_llama_written_in_chunks(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    synthetic = _load_bench("synthetic_llama")
+    synthetic = load_bench("synthetic_llama")
     shapes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=200)
     summary = synthetic.build(tmp_path / "m", layers=2, seed=3, chunk_bytes=1024, max_shard_bytes=8000, **shapes)
     assert summary["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
@@ -744,7 +737,7 @@ def test_synthetic_llama_is_a_loadable_llama_written_in_chunks(tmp_path):
 
 
 def test_synthetic_llama_has_the_70b_shapes():
-    synthetic = _load_bench("synthetic_llama")
+    synthetic = load_bench("synthetic_llama")
     specs = synthetic.tensor_specs(synthetic.llama_config(1))
     assert specs["model.embed_tokens.weight"] == TensorSpec((128256, 8192), torch.bfloat16)
     assert specs["model.layers.0.self_attn.k_proj.weight"].shape == (1024, 8192)
