@@ -55,7 +55,7 @@ from typing import Any, Iterator
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(tempfile.gettempdir()) / "flowertune-llm-cache"))
 
 import torch  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
@@ -63,10 +63,11 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from flowertune_llm import client_app, data, models, training  # noqa: E402
 from flowertune_llm.config import default_run_config, load_preset, parse_run_config  # noqa: E402
-from flowertune_llm.strategy import to_array_record  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from conftest import train_content  # noqa: E402  (the server's train message, as the tests build it)
 RESULTS_PATH = BENCH_DIR / "results" / "client_overhead.json"
 README_PATH = BENCH_DIR / "README.md"
 SECTION_TITLE = "## Client round overhead"
@@ -149,22 +150,15 @@ def prepare_server_side(model_name: str, num_rounds: int) -> ServerSide:
     config = parse_run_config(run_config_for(model_name))
     peft_model = models.build_peft_model(config.model)  # also writes the built-in model to disk on first use
     adapter_params, all_params = peft_model.get_nb_trainable_parameters()
-    state = {k: v.numpy() for k, v in models.get_adapter_state(peft_model).items()}
+    state = {k: v.detach().clone() for k, v in models.get_adapter_state(peft_model).items()}
     del peft_model
 
     # Messages take their sender from the process's task identity, which Flower sets in a real ServerApp.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
     wires = []
     for server_round in range(1, num_rounds + 1):
-        content = RecordDict(
-            {
-                "arrays": to_array_record(state),
-                # The rate does not change what a round costs; the schedule's peak keeps every round alike.
-                "config": ConfigRecord(
-                    {"server-round": server_round, "learning-rate": config.train.learning_rate_max}
-                ),
-            }
-        )
+        # The rate does not change what a round costs; the schedule's peak keeps every round alike.
+        content = train_content(state, server_round, config.train.learning_rate_max)
         message = Message(
             content, dst_node_id=CLIENT_NODE_ID, message_type=MessageType.TRAIN, ttl=config.strategy.round_timeout
         )

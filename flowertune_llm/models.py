@@ -20,8 +20,8 @@ from transformers import (
 
 from flowertune_llm import builtin
 from flowertune_llm.config import ConfigError, ModelConfig
-from flowertune_llm.shards import TORCH_DTYPES, LocalCheckpoint
-from flowertune_llm.transport import TensorSpec
+from flowertune_llm.shards import LocalCheckpoint
+from flowertune_llm.transport import TORCH_DTYPES, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -120,9 +120,8 @@ class NodeState:
             needed = sum(spec.nbytes for spec in specs_from_json(manifest).values())
             check_disk_space(directory, needed, what="the global model this node receives")
             write_atomic(directory / "manifest.json", manifest.encode())
-        # Our writer, not safetensors' save_file: Flower's Deployment Engine sends identical arrays once, so
-        # tensors of one group can share memory (every zero-initialised LoRA B), which save_file refuses.
-        # Keys are written as they are (Piece(key)): a row range is stored under its own key.
+        # Our writer writes each tensor (views of the message's bytes) straight to its place and fsyncs before
+        # the rename. Keys are written as they are (Piece(key)): a row range is stored under its own key.
         target = directory / f"group-{index:06d}-of-{total:06d}"
         with ShardedCheckpointWriter(target, specs_of(tensors), max_shard_bytes=ONE_FILE) as writer:
             for key, tensor in tensors.items():

@@ -33,7 +33,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
-from flowertune_llm.transport import Piece, TensorSpec, specs_of
+from flowertune_llm.transport import SAFETENSORS_DTYPES, TORCH_DTYPES, Piece, TensorSpec, specs_of
 
 ONE_FILE = 1 << 62  # a shard size no checkpoint reaches: everything in one file
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB: huggingface_hub's and transformers' historical default
@@ -42,12 +42,6 @@ FILENAME_PATTERN = "model{suffix}.safetensors"
 _PWRITE_MAX = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
 # torch dtype <-> safetensors dtype tag (the tags safetensors.torch uses).
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-TORCH_DTYPES = {tag: dtype for dtype, tag in SAFETENSORS_DTYPES.items()}
 
 
 class InsufficientDiskSpaceError(OSError):

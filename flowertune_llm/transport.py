@@ -1,21 +1,29 @@
 """Model state over Flower messages at each tensor's own width, and the plan that cuts a model into messages.
 
-Encoding (:func:`to_record`) — one :class:`flwr.app.Array` per tensor:
+Encoding (:func:`to_record`): a whole state (an adapter, or one group of a model) is **one** Flower
+:class:`~flwr.app.Array` whose ``data`` is a safetensors file (``stype="safetensors"``), in an ArrayRecord
+under the key ``"safetensors"``. Why one Array and not one per tensor, as Flower's ``ArrayRecord(state_dict)``
+makes:
 
-* dtypes NumPy knows (float32, float16, float64, integers, bool) are stored as standard ``.npy`` bytes with
-  ``stype="numpy.ndarray"``: exactly what ``Array(ndarray)`` produces, so Flower's own ``Array.numpy()``,
-  ``ArrayRecord.to_torch_state_dict()`` and strategies read them, and records made by Flower decode here;
-* bfloat16, which NumPy lacks (Flower's ``Array(torch_tensor)`` goes through ``.numpy()`` and raises), is
-  stored as its raw little-endian element bytes with ``stype=RAW_STYPE`` and ``dtype="bfloat16"``. The
-  custom ``stype`` is the field Flower reserves for "how ``data`` was serialized"; Flower never interprets
-  it (it travels verbatim through pickling in the Simulation Engine and through ``deflate``/``inflate`` and
-  protobuf in the Deployment Engine), and ``Array.numpy()`` refuses it with a TypeError. That refusal is the
-  point: storing bf16 as npy ``uint16`` would make Flower's FedAvg average bit patterns without a word.
+* **Flower moves every Array as separate objects, one RPC each.** In the Deployment Engine a message is
+  split into objects (the record, each Array, each Array's 5 MB chunks), and every hop (ServerApp ->
+  SuperLink -> SuperNode -> ClientApp and back) pushes and pulls them one request at a time, at most
+  ``os.cpu_count()`` in flight. An adapter of 84 small tensors is ~170 objects per hop; measured on
+  127.0.0.1 with TLS and SuperNode authentication (bench/README.md, "Deployment per-round cost"), the same
+  1.3 MB round-tripped in 4.3-6.3 s as one Array and 8.7-10.6 s as 84. A packed record is 2 objects plus
+  its chunks, and large data (a 70B group) is chunk-bound either way.
+* **bfloat16 at 2 bytes.** Flower's ``Array(tensor)`` goes through NumPy, which has no bfloat16; safetensors
+  stores it natively, as it stores every dtype a checkpoint can hold.
+* The format is the one the checkpoints, node state and Hub models already use, self-describing (names,
+  dtypes, shapes, offsets), and Flower never interprets it: ``Array.numpy()`` refuses the stype with a
+  TypeError rather than misreading it, so a stock Flower FedAvg cannot average our bytes by accident.
 
 Decoding (:func:`from_record`) never goes through float32 and never copies: each tensor is a
-``torch.frombuffer`` view of the Array's ``bytes`` (past the npy header where there is one). The view keeps
-the bytes alive and must be treated as read-only (``bytes`` are immutable); pass ``copy=True`` for writable
-tensors.
+``torch.frombuffer`` view of the Array's ``bytes`` at the offsets the safetensors header gives.
+``safetensors.torch.load`` would copy every tensor out of the buffer first, a second copy of each
+group held on the server while a reply is folded; reading the header (its format is eight bytes of
+length, then JSON) is what avoids it. The views keep the bytes alive and must be treated as read-only
+(``bytes`` are immutable); pass ``copy=True`` for writable tensors.
 
 Grouping (:func:`plan_groups`) cuts a model into messages of at most ``max_bytes`` as counted by
 ``ArrayRecord.count_bytes()``, splitting a tensor larger than the budget into row ranges (see there).
@@ -23,28 +31,31 @@ Grouping (:func:`plan_groups`) cuts a model into messages of at most ``max_bytes
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
+import struct
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from numpy.lib import format as npy_format
+from safetensors.torch import save as safetensors_bytes
 
-NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
-RAW_STYPE = "flowertune.raw"  # C-contiguous little-endian element bytes, no header; dtype names the torch dtype
+SAFETENSORS_STYPE = "safetensors"  # Array.data is a safetensors file
+RECORD_KEY = "safetensors"  # the one entry of an encoded ArrayRecord
 
-# Tensor dtypes NumPy has no equivalent for, carried as raw bytes. float8 could join this table the same way.
-_RAW_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+TORCH_DTYPES = {tag: dtype for dtype, tag in SAFETENSORS_DTYPES.items()}
 
-if sys.byteorder != "little":  # raw bytes are defined as little-endian; every platform torch ships for is
+if sys.byteorder != "little":  # safetensors is little-endian; every platform torch ships for is
     raise ImportError("flowertune_llm.transport assumes a little-endian host")
 
 
@@ -131,33 +142,15 @@ class Piece:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: the name in an Array's ``dtype`` field (NumPy's name where one exists)."""
+    """``torch.bfloat16`` -> ``"bfloat16"``: how manifests name a dtype."""
     return str(dtype).removeprefix("torch.")
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name in _RAW_DTYPES:
-        return _RAW_DTYPES[name]
-    try:
-        return _numpy_to_torch(np.dtype(name))
-    except TypeError as error:
-        raise ValueError(f"unsupported dtype {name!r}") from error
-
-
-@cache
-def _numpy_to_torch(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-
-
-@cache
-def _torch_to_numpy(dtype: torch.dtype) -> np.dtype | None:
-    """The NumPy dtype that carries ``dtype`` as npy, or None where only raw bytes can (bfloat16)."""
-    if dtype_name(dtype) in _RAW_DTYPES:
-        return None
-    try:
-        return torch.empty(0, dtype=dtype).numpy().dtype
-    except TypeError:
-        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unsupported dtype {name!r}")
+    return dtype
 
 
 @cache
@@ -165,112 +158,101 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-@lru_cache(maxsize=4096)
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The header ``np.save`` writes for a C-ordered array, so our npy bytes equal Flower's own."""
-    header = io.BytesIO()
-    fields = {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    try:
-        npy_format.write_array_header_1_0(header, fields)
-    except ValueError:  # a header over 64 KiB needs format 2.0; np.save picks it the same way
-        header = io.BytesIO()
-        npy_format.write_array_header_2_0(header, fields)
-    return header.getvalue()
-
-
 # --- encoding ------------------------------------------------------------------------------------------------
+
+# What a record adds around its tensors, at most: the key, safetensors' 8-byte length, the header's braces and
+# its padding to a multiple of 8.
+RECORD_OVERHEAD = len(RECORD_KEY) + 8 + 2 + 7
+_OFFSET_DIGITS = 20  # room for either data offset, whatever the group's size
 
 
 def encoded_size(key: str, spec: TensorSpec) -> int:
-    """What ``ArrayRecord.count_bytes()`` will count for this entry: data, npy header (if any) and the key."""
-    np_dtype = _torch_to_numpy(spec.dtype)
-    header = 0 if np_dtype is None else len(_npy_header(np_dtype, spec.shape))
-    return spec.nbytes + header + len(key)
+    """The most one tensor adds to ``ArrayRecord.count_bytes()``: its bytes and its safetensors header entry.
 
-
-def to_array(tensor: torch.Tensor) -> Array:
-    """One tensor as an Array at its own width; one copy (into the ``bytes`` Flower requires), no upcast."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.contiguous()
-    shape = tuple(int(d) for d in tensor.shape)
-    # A uint8 view of the elements: works for bf16 (whose .numpy() fails) and for mmap-backed tensors.
-    raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-    np_dtype = _torch_to_numpy(tensor.dtype)
-    if np_dtype is None:
-        return Array(dtype=dtype_name(tensor.dtype), shape=shape, stype=RAW_STYPE, data=raw.tobytes())
-    data = b"".join((_npy_header(np_dtype, shape), raw))
-    return Array(dtype=str(np_dtype), shape=shape, stype=NUMPY_STYPE, data=data)
+    The entry's offsets depend on the other tensors of the record, so they are counted at their widest;
+    a record of ``pieces`` is then at most ``RECORD_OVERHEAD + sum(encoded_size(...))``.
+    """
+    if spec.dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{key}: safetensors cannot carry {spec.dtype}")
+    entry = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [0, 0]}
+    header = len(json.dumps({key: entry}, separators=(",", ":"))) - 2 + 1  # without the braces, with a comma
+    return spec.nbytes + header + 2 * (_OFFSET_DIGITS - 1)
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """``{key: tensor}`` as an ArrayRecord, in the mapping's order, each tensor at its own dtype."""
-    record = ArrayRecord()
-    for key, tensor in state.items():
-        record[key] = to_array(tensor)
-    return record
+    """``{key: tensor}`` as one safetensors Array, each tensor at its own dtype; one copy, into the bytes."""
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+    data = safetensors_bytes(tensors)
+    array = Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS_STYPE, data=data)
+    return ArrayRecord({RECORD_KEY: array})
 
 
 # --- decoding ------------------------------------------------------------------------------------------------
 
 
-def from_array(array: Array, *, copy: bool = False) -> torch.Tensor:
-    """The tensor an Array holds, as a zero-copy view of ``array.data`` unless ``copy``.
-
-    Accepts our raw encoding and any C- or Fortran-ordered npy (what Flower's ``Array(ndarray)`` makes). The
-    data length must match the declared shape exactly: a truncated or padded payload is an error, not garbage.
-    """
-    shape = tuple(array.shape)
-    if array.stype == RAW_STYPE:
-        if array.dtype not in _RAW_DTYPES:
-            raise ValueError(f"raw Array with unsupported dtype {array.dtype!r}")
-        dtype, offset, fortran = _RAW_DTYPES[array.dtype], 0, False
-    elif array.stype == NUMPY_STYPE:
-        np_dtype, npy_shape, fortran, offset = _read_npy_header(array.data)
-        if npy_shape != shape or str(np_dtype) != array.dtype:
-            raise ValueError(
-                f"Array says {array.dtype}{list(shape)} but its npy header says {np_dtype}{list(npy_shape)}"
-            )
-        if not np_dtype.isnative:
-            # Another byte order: rare enough that a converting copy is fine.
-            native = np.frombuffer(array.data, dtype=np_dtype, count=math.prod(shape), offset=offset)
-            native = native.reshape(shape, order="F" if fortran else "C").astype(np_dtype.newbyteorder("="))
-            return torch.from_numpy(native)
-        dtype = _numpy_to_torch(np_dtype)
-    else:
-        raise ValueError(f"unsupported Array stype {array.stype!r}")
-
-    numel = math.prod(shape)
-    expected = offset + numel * _itemsize(dtype)
-    if len(array.data) != expected:
-        raise ValueError(f"Array data is {len(array.data)} bytes, {array.dtype}{list(shape)} needs {expected}")
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # bytes are read-only; torch warns that it cannot mark a tensor read-only. We document it instead.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        flat = torch.frombuffer(array.data, dtype=dtype, count=numel, offset=offset)
-    tensor = flat.view(shape[::-1]).permute(*reversed(range(len(shape)))) if fortran else flat.view(shape)
-    return tensor.clone() if copy else tensor
-
-
 def from_record(record: ArrayRecord, *, copy: bool = False) -> dict[str, torch.Tensor]:
-    """``{key: tensor}`` from a record, each at the dtype it was sent in, sharing memory with the record."""
-    return {key: from_array(array, copy=copy) for key, array in record.items()}
+    """``{key: tensor}`` from a record made by :func:`to_record`, in the order of the tensors' bytes.
+
+    Each tensor is a view of the record's bytes (``copy=True`` for writable copies). A header that does not
+    describe its payload exactly (offsets out of range, overlapping or leaving gaps, a size that does not
+    match the shape) is refused: a truncated or padded message is an error, not garbage.
+    """
+    if list(record) != [RECORD_KEY] or record[RECORD_KEY].stype != SAFETENSORS_STYPE:
+        found = {key: array.stype for key, array in record.items()}
+        raise ValueError(f"expected one {SAFETENSORS_STYPE!r} Array under {RECORD_KEY!r}, got {found}")
+    data = record[RECORD_KEY].data
+    header, start = _read_header(data)
+    tensors: dict[str, torch.Tensor] = {}
+    position = 0
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        dtype, shape, (begin, end) = _entry(key, entry)
+        numel = math.prod(shape)
+        if begin != position or end - begin != numel * _itemsize(dtype) or start + end > len(data):
+            raise ValueError(
+                f"{key}: bytes [{begin}, {end}) do not follow at {position} with {numel} x {dtype} "
+                f"within a payload of {len(data) - start}"
+            )
+        position = end
+        if numel == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():
+            # bytes are read-only; torch warns that it cannot mark a tensor read-only. The docstring says so.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            tensor = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin).view(shape)
+        tensors[key] = tensor.clone() if copy else tensor
+    if start + position != len(data):
+        raise ValueError(f"safetensors payload is {len(data) - start} bytes, its header describes {position}")
+    return tensors
 
 
-def _read_npy_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    stream = io.BytesIO(data)  # shares ``data`` (CPython copies a BytesIO's bytes only on write)
+def _read_header(data: bytes) -> tuple[dict, int]:
+    """The safetensors header (without ``__metadata__``) and where the tensor bytes start."""
+    if len(data) < 8:
+        raise ValueError(f"safetensors data is {len(data)} bytes, shorter than its length prefix")
+    (length,) = struct.unpack_from("<Q", data)
+    if 8 + length > len(data):
+        raise ValueError(f"safetensors header of {length} bytes does not fit in {len(data)}")
     try:
-        version = npy_format.read_magic(stream)
-        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran, np_dtype = read(stream)
-    except ValueError as error:
-        raise ValueError(f"Array data is not valid npy: {error}") from error
-    if np_dtype.hasobject:
-        raise ValueError("npy Array holds Python objects, which are never unpickled")
-    return np_dtype, tuple(shape), bool(fortran), stream.tell()
+        header = json.loads(bytes(memoryview(data)[8 : 8 + length]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"safetensors header is not valid JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _entry(key: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    try:
+        dtype = TORCH_DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{key}: malformed safetensors entry {entry!r}") from error
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{key}: negative dimension in {list(shape)}")
+    return dtype, shape, (begin, end)
 
 
 # --- grouping ------------------------------------------------------------------------------------------------
@@ -284,9 +266,10 @@ def plan_groups(
 ) -> list[list[Piece]]:
     """Cut a model into groups of pieces, in the mapping's order, each group's record at most ``max_bytes``.
 
-    Sizes are counted as ``ArrayRecord.count_bytes()`` counts them (:func:`encoded_size`), so
-    ``to_record(group).count_bytes() <= max_bytes`` holds exactly. Consecutive tensors share a group while
-    they fit; ``max_bytes=math.inf`` gives one group (the all-at-once exchange, same arithmetic).
+    Sizes are bounded as ``ArrayRecord.count_bytes()`` will count them (:func:`encoded_size`,
+    ``RECORD_OVERHEAD``), so ``to_record(group).count_bytes() <= max_bytes`` always holds. Consecutive
+    tensors share a group while they fit; ``max_bytes=math.inf`` gives one group (the all-at-once exchange,
+    same arithmetic).
 
     A tensor larger than the budget is split into row ranges of its first dimension (``split=True``). The
     budget is the memory knob: the server's peak is a multiple of the largest group, and the largest
@@ -301,13 +284,13 @@ def plan_groups(
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     groups: list[list[Piece]] = []
     current: list[Piece] = []
-    current_bytes = 0
+    current_bytes = RECORD_OVERHEAD
 
     def close() -> None:
         nonlocal current, current_bytes
         if current:
             groups.append(current)
-        current, current_bytes = [], 0
+        current, current_bytes = [], RECORD_OVERHEAD
 
     for name, spec in specs.items():
         spec = spec if isinstance(spec, TensorSpec) else TensorSpec(tuple(spec[0]), spec[1])
@@ -317,9 +300,9 @@ def plan_groups(
             current_bytes += size
             continue
         close()
-        if size <= max_bytes or not split or len(spec.shape) == 0 or spec.shape[0] <= 1:
-            current, current_bytes = [Piece(name)], size
-            if size > max_bytes:
+        if RECORD_OVERHEAD + size <= max_bytes or not split or len(spec.shape) == 0 or spec.shape[0] <= 1:
+            current, current_bytes = [Piece(name)], RECORD_OVERHEAD + size
+            if current_bytes > max_bytes:
                 close()
             continue
         for piece in _row_pieces(name, spec, max_bytes):
@@ -332,8 +315,9 @@ def _row_pieces(name: str, spec: TensorSpec, max_bytes: int | float) -> Iterable
     """Equal row ranges of ``spec`` (the last one shorter), each as large as fits in ``max_bytes``."""
     rows = spec.shape[0]
     row_bytes = spec.nbytes // rows
-    # The key and npy header grow a little with the range's digits; reserve for the widest range.
-    overhead = encoded_size(f"{name}[{rows}:{rows}]", TensorSpec((rows, *spec.shape[1:]), spec.dtype)) - spec.nbytes
+    # The key and header entry grow a little with the range's digits; reserve for the widest range.
+    widest = encoded_size(f"{name}[{rows}:{rows}]", TensorSpec((rows, *spec.shape[1:]), spec.dtype))
+    overhead = RECORD_OVERHEAD + widest - spec.nbytes
     per_piece = max(1, int((max_bytes - overhead) // row_bytes)) if row_bytes else rows
     for start in range(0, rows, per_piece):
         yield Piece(name, (start, min(start + per_piece, rows)))

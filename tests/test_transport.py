@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 from flowertune_llm import shards as shards_module
@@ -38,11 +39,12 @@ from flowertune_llm.streaming import (
     weighted_mean,
 )
 from flowertune_llm.transport import (
-    RAW_STYPE,
+    RECORD_KEY,
+    RECORD_OVERHEAD,
+    SAFETENSORS_STYPE,
     Piece,
     TensorSpec,
     encoded_size,
-    from_array,
     from_record,
     plan_groups,
     specs_from_json,
@@ -70,7 +72,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
+    assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert torch.equal(bits(a[key]), bits(b[key])), key
@@ -145,20 +147,36 @@ def _buffer_address(data: bytes) -> int:
     return np.frombuffer(data, dtype=np.uint8).ctypes.data
 
 
+def _payload(record: ArrayRecord) -> bytes:
+    return record[RECORD_KEY].data
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_widths_travel_at_two_bytes_and_decode_without_a_copy(dtype):
     tensor = torch.randn(64, 32).to(dtype)
     record = to_record({"layer.weight": tensor})
-    array = record["layer.weight"]
-    header = 0 if dtype == torch.bfloat16 else 128  # raw bf16 has no header; fp16 is standard npy
-    assert len(array.data) == tensor.numel() * 2 + header
-    assert record.count_bytes() == tensor.numel() * 2 + header + len("layer.weight")
-    assert record.count_bytes() == encoded_size("layer.weight", TensorSpec.of(tensor))
+    data = _payload(record)
+    (header,) = np.frombuffer(data[:8], dtype="<u8")
+    assert len(data) == 8 + header + tensor.numel() * 2  # no float32 anywhere on the wire
+    assert record.count_bytes() == len(data) + len(RECORD_KEY)
+    assert record.count_bytes() <= RECORD_OVERHEAD + encoded_size("layer.weight", TensorSpec.of(tensor))
     decoded = from_record(record)["layer.weight"]
-    assert decoded.dtype == dtype  # no float32 anywhere
-    assert decoded.data_ptr() == _buffer_address(array.data) + header  # a view of the message's bytes
-    copied = from_array(array, copy=True)
+    assert decoded.dtype == dtype
+    assert decoded.data_ptr() == _buffer_address(data) + 8 + header  # a view of the message's bytes
+    copied = from_record(record, copy=True)["layer.weight"]
     assert copied.data_ptr() != decoded.data_ptr() and torch.equal(copied, tensor)
+
+
+def test_a_record_is_one_object_whatever_the_number_of_tensors():
+    # Flower moves every Array as its own objects (one RPC each in deployment): an adapter of many small
+    # tensors must not become hundreds of objects.
+    state = {f"layers.{i}.lora_{ab}.weight": torch.randn(8, 4) for i in range(40) for ab in "AB"}
+    def objects(record: ArrayRecord) -> int:
+        return len(get_all_nested_objects(Message(RecordDict({"arrays": record}), dst_node_id=1, message_type="train")))
+
+    assert objects(to_record(state)) == 5  # message, RecordDict, ArrayRecord, the Array and its one chunk
+    assert objects(ArrayRecord(state)) == 3 + 2 * len(state)  # Flower's own encoding: an Array and a chunk each
+    assert_bit_equal(from_record(_through_deployment(to_record(state))), state)
 
 
 def test_decoded_view_keeps_its_bytes_alive():
@@ -168,44 +186,48 @@ def test_decoded_view_keeps_its_bytes_alive():
     assert decoded.tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_flower_reads_our_numpy_widths_and_refuses_bf16_instead_of_misreading_it():
+def test_the_payload_is_a_safetensors_file_and_flower_refuses_to_misread_it():
     state = {"f32": torch.randn(3, 2), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16()}
     record = to_record(state)
-    # float32/float16 are exactly what Flower's own Array(ndarray) produces, so Flower's tools read them.
-    for key in ("f32", "f16"):
-        assert record[key].data == Array(state[key].numpy()).data
-        np.testing.assert_array_equal(record[key].numpy(), state[key].numpy())
-    assert record["bf16"].stype == RAW_STYPE and record["bf16"].dtype == "bfloat16"
+    assert record[RECORD_KEY].stype == SAFETENSORS_STYPE
+    assert_bit_equal(safetensors_load(_payload(record)), state)  # any safetensors reader reads it
     with pytest.raises(TypeError, match="Unsupported serialization type"):
-        record["bf16"].numpy()  # loud, where npy-as-uint16 would let FedAvg average bit patterns
+        record.to_torch_state_dict()  # loud: a stock Flower FedAvg cannot average our bytes as numbers
 
 
-def test_records_made_by_flower_decode_including_fortran_order():
-    a = torch.randn(3, 4)
-    flower = ArrayRecord({"a": a, "b": torch.arange(5)})  # Flower's own torch -> npy conversion
-    assert_bit_equal(from_record(flower), {"a": a, "b": torch.arange(5)})
-    fortran = np.asfortranarray(np.arange(12, dtype=np.float16).reshape(3, 4))
-    decoded = from_array(Array(fortran))
-    assert decoded.shape == (3, 4) and torch.equal(decoded, torch.from_numpy(np.ascontiguousarray(fortran)))
+def test_a_record_flower_made_itself_is_refused_with_what_was_found():
+    flower = ArrayRecord({"a": torch.randn(3, 4)})  # Flower's own one-Array-per-tensor npy records
+    with pytest.raises(ValueError, match=r"expected one 'safetensors' Array under 'safetensors', got \{'a': 'numpy.ndarray'\}"):
+        from_record(flower)
+
+
+def _header(entries: dict) -> bytes:
+    body = json.dumps(entries).encode()
+    return len(body).to_bytes(8, "little") + body
+
+
+def _f32(offsets, shape=(2,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
 
 
 @pytest.mark.parametrize(
-    "array, reason",
+    "data, reason",
     [
-        (Array(dtype="bfloat16", shape=(2, 3), stype=RAW_STYPE, data=bytes(10)), "10 bytes"),
-        (Array(dtype="bfloat16", shape=(2,), stype=RAW_STYPE, data=bytes(6)), "6 bytes"),
-        (Array(dtype="float8", shape=(2,), stype=RAW_STYPE, data=bytes(2)), "unsupported dtype"),
-        (Array(dtype="float32", shape=(2,), stype="pickle", data=bytes(8)), "unsupported Array stype"),
-        (
-            Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=Array(np.zeros(2, np.float32)).data),
-            "npy header",
-        ),
-        (Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not npy at all"), "not valid npy"),
+        (_header({"w": _f32((0, 8))}) + bytes(6), "bytes \\[0, 8\\) do not follow"),  # truncated
+        (_header({"w": _f32((0, 8))}) + bytes(10), "payload is 10 bytes, its header describes 8"),  # padded
+        (_header({"w": _f32((0, 6), (2,))}) + bytes(6), "do not follow at 0 with 2"),  # size vs shape
+        (_header({"a": _f32((0, 8)), "b": _f32((4, 12))}) + bytes(12), "b: bytes \\[4, 12\\)"),  # overlap
+        (_header({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}) + bytes(1), "malformed"),
+        (_header({"w": _f32((0, 8), (-2, -1))}) + bytes(8), "negative dimension"),
+        ((1000).to_bytes(8, "little") + b"{}", "header of 1000 bytes does not fit"),
+        ((4).to_bytes(8, "little") + b"nope", "not valid JSON"),
+        (b"abc", "shorter than its length prefix"),
     ],
 )
-def test_malformed_arrays_are_refused(array, reason):
+def test_malformed_payloads_are_refused(data, reason):
+    record = ArrayRecord({RECORD_KEY: Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS_STYPE, data=data)})
     with pytest.raises(ValueError, match=reason):
-        from_array(array)
+        from_record(record)
 
 
 def test_manifest_round_trip():
@@ -219,13 +241,14 @@ def test_manifest_round_trip():
 
 def test_groups_respect_the_budget_as_count_bytes_counts_it_and_keep_model_order():
     state = model_state(torch.bfloat16)
-    budget = 400
+    budget = 900
     groups = plan_groups(specs_of(state), budget)
     assert any(len(group) > 1 for group in groups)  # several tensors per message where they fit
     for group in groups:
         record = to_record(take_group(state, group))
         assert record.count_bytes() <= budget
-        assert record.count_bytes() == sum(encoded_size(p.key, p.spec(TensorSpec.of(state[p.name]))) for p in group)
+        bound = RECORD_OVERHEAD + sum(encoded_size(p.key, p.spec(TensorSpec.of(state[p.name]))) for p in group)
+        assert bound - 40 * len(group) <= record.count_bytes() <= bound  # a bound, and a tight one
     assert [p.name for p in _dedupe(p for g in groups for p in g)] == list(state)
 
 
