@@ -1,13 +1,14 @@
 """Per-round client cost: Flower's Deployment Engine against its Simulation Engine, same config.
 
-The quickstart preset (``builtin:tiny-llama``, LoRA r=8, 10 steps of batch 8) on two nodes, each engine
-running both nodes' ClientApps side by side on this machine:
+The quickstart preset (``builtin:tiny-llama``, LoRA r=8, 10 steps of batch 8) on ``--nodes`` nodes (2 by
+default), each engine running every node's ClientApps side by side on this machine (``--nodes 1`` measures
+a client's round as on its own machine: no other node's training or process start on the same cores):
 
-* deployment: :class:`flowertune_llm.federation.LocalFederation` (SuperLink + 2 SuperNodes on 127.0.0.1,
+* deployment: :class:`flowertune_llm.federation.LocalFederation` (SuperLink + N SuperNodes on 127.0.0.1,
   TLS and SuperNode authentication). Every train message starts a fresh ``flwr-clientapp`` process.
-* simulation: ``flower-superlink --simulation`` via ``tests/flower_harness.py``, ``num-supernodes=2
-  client-resources-num-cpus=1`` (two Ray actors that live for the whole run; Ray sets each actor's
-  ``OMP_NUM_THREADS`` to its CPUs, 1). The launcher gives each SuperNode cores // nodes threads the same way
+* simulation: ``flower-superlink --simulation`` via ``tests/flower_harness.py``, ``num-supernodes=N
+  client-resources-num-cpus=cores//N`` (Ray actors that live for the whole run; Ray sets each actor's
+  ``OMP_NUM_THREADS`` to its CPUs). The launcher gives each SuperNode cores // N threads the same way
   (``split``); ``all`` leaves torch its default, one thread per core in every ClientApp.
 
 The app itself is unchanged: its own profiler (``profile.enabled=true``) times the handler's parts in the
@@ -265,14 +266,19 @@ def summarize(per_node: list[dict[str, Any]], history: list[dict[str, Any]]) -> 
 # Runs
 
 
-def run_config(output_dir: Path, rounds: int, model: str) -> str:
+def run_config(output_dir: Path, rounds: int, model: str, nodes: int) -> str:
     return (
         f"preset='quickstart' model.name='{model}' num-server-rounds={rounds} output.dir='{output_dir}' "
-        "profile.enabled=true"
+        f"profile.enabled=true strategy.min-train-nodes={nodes}"
     )
 
 
-def run_deployment(rounds: int, variant: str, model: str) -> dict[str, Any]:
+def simulation_federation(nodes: int) -> str:
+    """Ray gives each actor OMP_NUM_THREADS = its CPUs: cores // nodes, as the launcher does for SuperNodes."""
+    return f"num-supernodes={nodes} client-resources-num-cpus={max(1, (os.cpu_count() or 1) // nodes)}"
+
+
+def run_deployment(rounds: int, variant: str, model: str, nodes: int) -> dict[str, Any]:
     """``variant`` is ``POLL/THREADS``: FLWR_SUPEREXEC_TASK_POLL_INTERVAL (``default``: unset, 1 s) and the
     ClientApps' OMP_NUM_THREADS (``split``: the launcher's cores // nodes, ``all``: every core, or a number)."""
     task_poll_interval, threads = variant.split("/")
@@ -284,7 +290,7 @@ def run_deployment(rounds: int, variant: str, model: str) -> dict[str, Any]:
         output_dir = Path(tmp) / "runs"
         started = time.time()
         federation = LocalFederation(
-            Path(tmp) / "federation", 2, tls=True, auth=True, env=env, supernode_env=supernode_env
+            Path(tmp) / "federation", nodes, tls=True, auth=True, env=env, supernode_env=supernode_env
         )
         with federation:
             federation_up = time.time() - started
@@ -295,7 +301,7 @@ def run_deployment(rounds: int, variant: str, model: str) -> dict[str, Any]:
                 federation.superlink_dir, federation.superlink.pid, federation.tracker,
             )  # fmt: skip
             submitted = time.time()
-            result = link.run_app(REPO_ROOT, run_config=run_config(output_dir, rounds, model), timeout=1200)
+            result = link.run_app(REPO_ROOT, run_config=run_config(output_dir, rounds, model, nodes), timeout=1200)
             finished = time.time()
             time.sleep(1)  # let the last ClientApp processes exit
             watcher.stop()
@@ -325,15 +331,15 @@ def run_deployment(rounds: int, variant: str, model: str) -> dict[str, Any]:
     }
 
 
-def run_simulation(rounds: int, model: str) -> dict[str, Any]:
+def run_simulation(rounds: int, model: str, nodes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-simulation-") as tmp:
         output_dir = Path(tmp) / "runs"
         with simulation_superlink(Path(tmp)) as link:
             submitted = time.time()
             result = link.run_app(
                 REPO_ROOT,
-                run_config=run_config(output_dir, rounds, model),
-                federation_config="num-supernodes=2 client-resources-num-cpus=1",
+                run_config=run_config(output_dir, rounds, model, nodes),
+                federation_config=simulation_federation(nodes),
                 timeout=1200,
             )
             finished = time.time()
@@ -347,7 +353,7 @@ def run_simulation(rounds: int, model: str) -> dict[str, Any]:
     first_push = min(e["start"] for e in events if e.get("name") == "send")
     return {
         "engine": "simulation",
-        "federation_config": "num-supernodes=2 client-resources-num-cpus=1",
+        "federation_config": simulation_federation(nodes),
         "submit_to_first_push_seconds": round(first_push - submitted, 2),
         "run_seconds": round(finished - submitted, 2),
         "summary": summarize(per_node, history),
@@ -420,11 +426,18 @@ def main() -> None:
     )
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument(
+        "--nodes", type=int, default=2,
+        help="nodes (all on this machine); 1 measures a client's round without another node's work on the same cores",
+    )  # fmt: skip
+    parser.add_argument(
         "--model", default="builtin:tiny-llama", help="e.g. builtin:small-llama (10.6M), where steps weigh more"
     )
     args = parser.parse_args()
     results_path = RESULTS_PATH.with_name(
-        RESULTS_PATH.stem + ("" if args.model == "builtin:tiny-llama" else f"_{args.model.split(':')[-1]}") + ".json"
+        RESULTS_PATH.stem
+        + ("" if args.model == "builtin:tiny-llama" else f"_{args.model.split(':')[-1]}")
+        + ("" if args.nodes == 2 else f"_{args.nodes}node")
+        + ".json"
     )
 
     results: dict[str, Any] = {
@@ -433,16 +446,16 @@ def main() -> None:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "load_average_before": os.getloadavg(),
-        "config": {"preset": "quickstart", "model": args.model, "rounds": args.rounds, "nodes": 2, "profile.enabled": True},
+        "config": {"preset": "quickstart", "model": args.model, "rounds": args.rounds, "nodes": args.nodes, "profile.enabled": True},
         "imports_idle": import_seconds(),
         "runs": [],
     }
     for variant in args.deployments:
         print(f"deployment {variant} ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_deployment(args.rounds, variant, args.model))
+        results["runs"].append(run_deployment(args.rounds, variant, args.model, args.nodes))
     if not args.skip_simulation:
         print("simulation ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_simulation(args.rounds, args.model))
+        results["runs"].append(run_simulation(args.rounds, args.model, args.nodes))
     results["target_excluding_polling"] = target(results["runs"])
     results["load_average_after"] = os.getloadavg()
     results_path.parent.mkdir(parents=True, exist_ok=True)
