@@ -41,8 +41,6 @@ INDEX_NAME = "model.safetensors.index.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"
 _PWRITE_MAX = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
-# torch dtype <-> safetensors dtype tag (the tags safetensors.torch uses).
-
 
 class InsufficientDiskSpaceError(OSError):
     """The output would not fit: raised before anything is written."""

@@ -8,10 +8,10 @@ makes:
 * **Flower moves every Array as separate objects, one RPC each.** In the Deployment Engine a message is
   split into objects (the record, each Array, each Array's 5 MB chunks), and every hop (ServerApp ->
   SuperLink -> SuperNode -> ClientApp and back) pushes and pulls them one request at a time, at most
-  ``os.cpu_count()`` in flight. An adapter of 84 small tensors is ~170 objects per hop; measured on
-  127.0.0.1 with TLS and SuperNode authentication (bench/README.md, "Deployment per-round cost"), the same
-  1.3 MB round-tripped in 4.3-6.3 s as one Array and 8.7-10.6 s as 84. A packed record is 2 objects plus
-  its chunks, and large data (a 70B group) is chunk-bound either way.
+  ``os.cpu_count()`` in flight. An adapter of 84 small tensors is ~170 objects per hop; on 127.0.0.1 with
+  TLS and SuperNode authentication the same 1.3 MB makes a round trip in 5.4 s (median) as one Array and
+  8.3 s as 84 (``bench/message_objects.py``). A packed record is 2 objects plus its chunks, and large data
+  (a 70B group) is chunk-bound either way.
 * **bfloat16 at 2 bytes.** Flower's ``Array(tensor)`` goes through NumPy, which has no bfloat16; safetensors
   stores it natively, as it stores every dtype a checkpoint can hold.
 * The format is the one the checkpoints, node state and Hub models already use, self-describing (names,
@@ -202,10 +202,10 @@ def from_record(record: ArrayRecord, *, copy: bool = False) -> dict[str, torch.T
         raise ValueError(f"expected one {SAFETENSORS_STYPE!r} Array under {RECORD_KEY!r}, got {found}")
     data = record[RECORD_KEY].data
     header, start = _read_header(data)
+    entries = sorted(((key, *_entry(key, entry)) for key, entry in header.items()), key=lambda e: e[3])
     tensors: dict[str, torch.Tensor] = {}
     position = 0
-    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-        dtype, shape, (begin, end) = _entry(key, entry)
+    for key, dtype, shape, (begin, end) in entries:
         numel = math.prod(shape)
         if begin != position or end - begin != numel * _itemsize(dtype) or start + end > len(data):
             raise ValueError(

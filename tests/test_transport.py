@@ -218,6 +218,7 @@ def _f32(offsets, shape=(2,)):
         (_header({"w": _f32((0, 6), (2,))}) + bytes(6), "do not follow at 0 with 2"),  # size vs shape
         (_header({"a": _f32((0, 8)), "b": _f32((4, 12))}) + bytes(12), "b: bytes \\[4, 12\\)"),  # overlap
         (_header({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}) + bytes(1), "malformed"),
+        (_header({"w": {"dtype": "F32", "shape": [2]}, "v": _f32((0, 8))}) + bytes(8), "w: malformed"),
         (_header({"w": _f32((0, 8), (-2, -1))}) + bytes(8), "negative dimension"),
         ((1000).to_bytes(8, "little") + b"{}", "header of 1000 bytes does not fit"),
         ((4).to_bytes(8, "little") + b"nope", "not valid JSON"),
