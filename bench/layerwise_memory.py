@@ -106,6 +106,9 @@ def run_one(args: argparse.Namespace) -> dict:
         "train.training-arguments.max-steps": 0, "num-server-rounds": 1, "strategy.fraction-train": 1.0,
         "strategy.min-train-nodes": args.clients, "aggregation.mode": args.mode,
         "aggregation.max-message-mb": args.max_message_mb, "output.dir": str(args.run_root),
+        # One group in flight: the grid here keeps replies in the server's process, where Flower's SuperLink
+        # (a process of its own) would hold the ones a window asks ahead.
+        "aggregation.window": 1,
     }  # fmt: skip
     config = parse_run_config(flat)
     specs, files = models.weight_manifest(config.model.name)

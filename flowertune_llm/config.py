@@ -168,12 +168,14 @@ class AggregationConfig:
     PREFIX: ClassVar[str] = "aggregation."
     mode: str  # layerwise | all_at_once
     max_message_mb: float  # layerwise: the most one message may carry (MiB, as ArrayRecord.count_bytes counts)
+    window: int  # layerwise: group messages in flight per node, so a node's next group is waiting when it answers
 
     def __post_init__(self) -> None:
         _require(self, "mode", self.mode in AGGREGATION_MODES, f"allowed: {', '.join(AGGREGATION_MODES)}")
         _require(
             self, "max_message_mb", 0 < self.max_message_mb < math.inf, "MiB per message, must be > 0 and finite"
         )
+        _require(self, "window", self.window >= 1, "group messages in flight per node, must be >= 1")
 
     @property
     def max_message_bytes(self) -> float:

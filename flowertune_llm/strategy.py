@@ -3,10 +3,15 @@
 Flower's ``FedAvg.start`` holds every reply before averaging, drops late replies without a word and has
 no checkpoint hook, so the loop is written out here on Flower's ``Grid``. One round, for the sampled nodes:
 
-1. **down**: groups ``1..G-1`` of the global model as ``train.receive`` messages, one group at a time;
+1. **down**: groups ``1..G-1`` of the global model as ``train.receive`` messages;
 2. **train**: a ``train`` message with the learning rate and the last group; each node trains (or, in an
    aggregation-only run, does not) and answers with the first group of its update and its FedAvg weight;
-3. **up**: ``train.send`` for groups ``2..G``, one group at a time.
+3. **up**: ``train.send`` for groups ``2..G``.
+
+Group messages are kept ``aggregation.window`` in flight per node (group 1 down goes alone: it starts the
+node's round), so a node finds its next group waiting when it answers: in the Deployment Engine a SuperNode
+that finds no message sleeps 3 s before it asks again, which one group at a time paid on every group.
+Replies are pulled by message id, group by group, so the ones ahead wait in the SuperLink, not here.
 
 Every reply is folded into a running weighted sum as it arrives (streaming.py), each finished group is
 written to the round's checkpoint and freed, so the server holds one group's sum and the replies in flight,
@@ -24,6 +29,7 @@ import math
 import random
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -132,10 +138,11 @@ class StreamingFedAvg:
         with source as global_model:
             nodes = list(record.nodes)
             if global_model is not None:
-                for index in range(len(exchange.groups) - 1):
-                    nodes = self._send_down(grid, global_model, index, nodes, record)
+                nodes = self._send_down(grid, global_model, nodes, record)
             train_replies = self._push_train(grid, global_model, nodes, record)
         losses: dict[int, float] = {}
+        asked: dict[int, dict[str, int]] = {}  # train.send pushed ahead: group index -> pending replies
+        asked_of: list[int] = []  # the nodes they went to (a restart changes them, and drops what was asked)
 
         def fetch(clients: Sequence[int], index: int) -> Iterator[Update[int]]:
             nonlocal train_replies
@@ -143,9 +150,15 @@ class StreamingFedAvg:
                 pending, train_replies = train_replies, None
                 replies = self._collect(grid, pending, record, lambda reply, node: self._decode_train(reply, node, losses))
             else:
-                content = RecordDict({"config": ConfigRecord({"server-round": record.round, "keys": exchange.group_keys(index)})})
-                pending = self._push(grid, SEND, content, clients, record)
-                replies = self._collect(grid, pending, record, self._decode_group)
+                if list(clients) != asked_of:
+                    asked.clear()
+                    asked_of[:] = clients
+                for ahead in range(index, min(index + self.config.aggregation.window, len(exchange.groups))):
+                    if ahead not in asked:
+                        keys = exchange.group_keys(ahead)
+                        content = RecordDict({"config": ConfigRecord({"server-round": record.round, "keys": keys})})
+                        asked[ahead] = self._push(grid, SEND, content, clients, record)
+                replies = self._collect(grid, asked.pop(index), record, self._decode_group)
             # all_at_once holds every reply before averaging; layerwise folds each as it arrives.
             return replies if self.config.aggregation.mode == "layerwise" else iter(list(replies))
 
@@ -192,10 +205,25 @@ class StreamingFedAvg:
             arrays = to_record(global_model.group(self.exchange.group_keys(index)))
         return RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
 
-    def _send_down(
-        self, grid: Grid, global_model: LocalCheckpoint, index: int, nodes: list[int], record: RoundRecord
-    ) -> list[int]:
-        pending = self._push(grid, RECEIVE, self._group_content(global_model, index, record), nodes, record)
+    def _send_down(self, grid: Grid, global_model: LocalCheckpoint, nodes: list[int], record: RoundRecord) -> list[int]:
+        """Groups ``1..G-1`` down, ``aggregation.window`` in flight; returns the nodes that stored them all.
+
+        Group 1 goes alone: it starts the node's round (and its state on a new run), which later groups must
+        not race in the Simulation Engine, where one node's queued messages can run side by side.
+        """
+        in_flight: deque[tuple[int, dict[str, int]]] = deque()
+        for index in range(len(self.exchange.groups) - 1):
+            content = self._group_content(global_model, index, record)
+            in_flight.append((index, self._push(grid, RECEIVE, content, nodes, record)))
+            if index == 0 or len(in_flight) >= self.config.aggregation.window:
+                nodes = self._stored(grid, *in_flight.popleft(), nodes, record)
+        while in_flight:
+            nodes = self._stored(grid, *in_flight.popleft(), nodes, record)
+        return nodes
+
+    def _stored(self, grid: Grid, index: int, pending: dict[str, int], nodes: list[int], record: RoundRecord) -> list[int]:
+        """Wait for the nodes' acknowledgements of group ``index``; a node already left out is not waited for."""
+        pending = {message: node for message, node in pending.items() if str(node) not in record.failures}
         for update in self._collect(grid, pending, record, lambda reply, node: Update(node)):
             if update.problem:
                 self._leave_out(record, update.client, f"group {index + 1} down: {update.problem}")

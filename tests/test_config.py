@@ -43,6 +43,7 @@ def test_numbers_are_coerced_where_unambiguous():
         ("train.training-arguments.max-steps", -5, "or 0 for an aggregation-only run"),
         ("aggregation.mode", "per_layer", "allowed: layerwise, all_at_once"),
         ("aggregation.max-message-mb", 0, "must be > 0"),
+        ("aggregation.window", 0, "must be >= 1"),
         ("num-server-rounds", 0, "positive integer"),
         ("model.quantization", "4", "expected int"),
         ("model.lora.use-dora", 1, "expected bool"),

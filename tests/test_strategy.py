@@ -40,6 +40,8 @@ class ScriptedGrid(Grid):
         self.behaviours = behaviours
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
+        self.asked: set[str] = set()  # every message id the server has pulled (waited) for
+        self.most_waiting: dict[str, int] = {}  # message type -> most replies of that type waiting to be pulled
 
     def set_run(self, run):  # pragma: no cover - not used by the strategy
         pass
@@ -64,10 +66,15 @@ class ScriptedGrid(Grid):
                 reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
                 self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
+            kind = message.metadata.message_type
+            waiting = sum(r.metadata.message_type == kind for r in self._replies.values())
+            self.most_waiting[kind] = max(self.most_waiting.get(kind, 0), waiting)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        message_ids = list(message_ids)
+        self.asked.update(message_ids)
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
         raise NotImplementedError
@@ -173,6 +180,34 @@ def test_layerwise_equals_all_at_once_and_the_exact_weighted_mean(tmp_path, dtyp
     assert grid.sent[0].metadata.message_type == TRAIN
     assert {m.metadata.message_type for m in grid.sent} == {TRAIN, SEND, RECEIVE}
     assert first.aggregated == [1, 2, 3] and first.failures == {}
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_group_messages_go_a_window_ahead_and_change_no_bit(tmp_path, window):
+    states = [model_state(seed) for seed in range(3)]
+    strategy, grid, final, _ = full_weights_run(tmp_path, states, [2, 1, 1], **{"aggregation.window": window})
+    assert strategy.history[0].groups > window + 1
+    # Replies wait in the grid (the SuperLink) for the server to pull them group by group: a window per node.
+    assert grid.most_waiting[RECEIVE] == grid.most_waiting[SEND] == 3 * window
+    assert_bit_equal(read(final), weighted_mean(states, [2, 1, 1]))
+
+
+def test_a_node_silent_within_the_window_is_waited_for_once(tmp_path):
+    def silent_after_the_first_group_down(node: Node) -> Behaviour:
+        return lambda m: None if m.metadata.message_type == RECEIVE and m.content["config"]["group"] > 0 else node(m)
+
+    states = [model_state(seed) for seed in range(3)]
+    strategy, grid, final, _ = full_weights_run(
+        tmp_path, states, [1, 1, 1], {3: silent_after_the_first_group_down},
+        **{"aggregation.window": 3, "strategy.round-timeout": 0.3},
+    )  # fmt: skip
+    assert "group 2 down: no reply" in strategy.history[1].failures["3"]
+    to_node_3 = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == RECEIVE]
+    assert [m.content["config"]["group"] for m in to_node_3] == [0, 1, 2, 3]  # group 1 alone, then 3 in flight
+    assert [m.metadata.message_id in grid.asked for m in to_node_3] == [True, True, False, False]
+    # Round 2 averages the round-1 mean of all three, which nodes 1 and 2 received whole.
+    assert strategy.history[1].aggregated == [1, 2]
+    assert_bit_equal(read(final), weighted_mean(states, [1, 1, 1]))
 
 
 def test_bytes_are_counted_per_message_each_way(tmp_path):
