@@ -33,7 +33,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
-from flowertune_llm.transport import SAFETENSORS_DTYPES, TORCH_DTYPES, Piece, TensorSpec, specs_of
+from flowertune_llm.transport import Piece, TensorSpec, entry_spec, header_entry, read_header, specs_of
 
 ONE_FILE = 1 << 62  # a shard size no checkpoint reaches: everything in one file
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB: huggingface_hub's and transformers' historical default
@@ -91,15 +91,9 @@ def _shard_header(names: Sequence[str], specs: Mapping[str, TensorSpec], metadat
     position = 0
     relative: dict[str, int] = {}
     for name in order:
-        spec = specs[name]
-        if spec.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: safetensors cannot store {spec.dtype}")
         relative[name] = position
-        entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
-            "data_offsets": [position, position + spec.nbytes],
-        }  # fmt: skip
-        position += spec.nbytes
+        entries[name] = header_entry(name, specs[name], position)
+        position += specs[name].nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
     header = struct.pack("<Q", len(body)) + body
@@ -372,10 +366,12 @@ def save_local_checkpoint(
 def read_safetensors_header(path: Path | str) -> tuple[dict[str, dict], int]:
     """A safetensors file's tensor entries (without ``__metadata__``) and where its data starts."""
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
+        prefix = handle.read(8)
+        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (0,)
+        try:
+            return read_header(prefix + handle.read(length))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def _checkpoint_files(path: Path) -> tuple[list[Path], set[str] | None]:
@@ -415,11 +411,12 @@ class LocalCheckpoint:
                     continue
                 if name in self._file_of:
                     raise ValueError(f"{name} appears in both {self.files[self._file_of[name]].name} and {file.name}")
-                if entry["dtype"] not in TORCH_DTYPES:
-                    raise ValueError(f"{file.name}: {name} has dtype {entry['dtype']}, not supported here")
+                try:
+                    spec, (begin, _) = entry_spec(name, entry)
+                except ValueError as error:
+                    raise ValueError(f"{file.name}: {error}") from None
                 self._file_of[name] = number
-                spec = TensorSpec(tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
-                located.append((number, entry["data_offsets"][0], name, spec))
+                located.append((number, begin, name, spec))
         self.specs: dict[str, TensorSpec] = {name: spec for _, _, name, spec in sorted(located)}
         self._handles: list | None = None
 

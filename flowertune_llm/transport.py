@@ -172,11 +172,16 @@ def encoded_size(key: str, spec: TensorSpec) -> int:
     The entry's offsets depend on the other tensors of the record, so they are counted at their widest;
     a record of ``pieces`` is then at most ``RECORD_OVERHEAD + sum(encoded_size(...))``.
     """
-    if spec.dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{key}: safetensors cannot carry {spec.dtype}")
-    entry = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [0, 0]}
+    entry = header_entry(key, spec, 0) | {"data_offsets": [0, 0]}
     header = len(json.dumps({key: entry}, separators=(",", ":"))) - 2 + 1  # without the braces, with a comma
     return spec.nbytes + header + 2 * (_OFFSET_DIGITS - 1)
+
+
+def header_entry(key: str, spec: TensorSpec, begin: int) -> dict[str, object]:
+    """``key``'s entry in a safetensors header, its bytes at ``[begin, begin + spec.nbytes)`` of the data."""
+    if spec.dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{key}: safetensors cannot store {spec.dtype}")
+    return {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [begin, begin + spec.nbytes]}
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -201,13 +206,13 @@ def from_record(record: ArrayRecord, *, copy: bool = False) -> dict[str, torch.T
         found = {key: array.stype for key, array in record.items()}
         raise ValueError(f"expected one {SAFETENSORS_STYPE!r} Array under {RECORD_KEY!r}, got {found}")
     data = record[RECORD_KEY].data
-    header, start = _read_header(data)
-    entries = sorted(((key, *_entry(key, entry)) for key, entry in header.items()), key=lambda e: e[3])
+    header, start = read_header(data)
+    entries = sorted(((key, *entry_spec(key, entry)) for key, entry in header.items()), key=lambda e: e[2])
     tensors: dict[str, torch.Tensor] = {}
     position = 0
-    for key, dtype, shape, (begin, end) in entries:
-        numel = math.prod(shape)
-        if begin != position or end - begin != numel * _itemsize(dtype) or start + end > len(data):
+    for key, spec, (begin, end) in entries:
+        dtype, shape, numel = spec.dtype, spec.shape, spec.numel
+        if begin != position or end - begin != spec.nbytes or start + end > len(data):
             raise ValueError(
                 f"{key}: bytes [{begin}, {end}) do not follow at {position} with {numel} x {dtype} "
                 f"within a payload of {len(data) - start}"
@@ -226,8 +231,9 @@ def from_record(record: ArrayRecord, *, copy: bool = False) -> dict[str, torch.T
     return tensors
 
 
-def _read_header(data: bytes) -> tuple[dict, int]:
-    """The safetensors header (without ``__metadata__``) and where the tensor bytes start."""
+def read_header(data: bytes) -> tuple[dict, int]:
+    """The safetensors header (without ``__metadata__``) at the start of ``data``, and where the tensor bytes
+    start; ``data`` may end there (a file's first ``8 + length`` bytes)."""
     if len(data) < 8:
         raise ValueError(f"safetensors data is {len(data)} bytes, shorter than its length prefix")
     (length,) = struct.unpack_from("<Q", data)
@@ -243,7 +249,8 @@ def _read_header(data: bytes) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def _entry(key: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+def entry_spec(key: str, entry: object) -> tuple[TensorSpec, tuple[int, int]]:
+    """What a safetensors header entry says: the tensor's shape and dtype, and its data offsets."""
     try:
         dtype = TORCH_DTYPES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
@@ -252,7 +259,7 @@ def _entry(key: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple
         raise ValueError(f"{key}: malformed safetensors entry {entry!r}") from error
     if any(d < 0 for d in shape):
         raise ValueError(f"{key}: negative dimension in {list(shape)}")
-    return dtype, shape, (begin, end)
+    return TensorSpec(shape, dtype), (begin, end)
 
 
 # --- grouping ------------------------------------------------------------------------------------------------
