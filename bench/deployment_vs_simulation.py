@@ -217,7 +217,7 @@ GROUPS = {
 # poll for messages (3 s, hard-coded), the SuperExec's task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 1 s) and the
 # SuperNode's check for the ClientApp's reply (every 0.5 s, hard-coded; `reply_to_supernode` also holds the
 # ClientApp's push of the reply's few objects to its local SuperNode, milliseconds). Simulation: the dispatch.
-POLLING = ("poll_wait", "launch", "reply_to_supernode", "dispatch")
+POLLING = (*GROUPS["flower_latency"], "reply_to_supernode")
 
 
 def excluding_polling(per_node: list[dict[str, Any]], skip_first_round: bool = True) -> float:
