@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from flowertune_llm import federation
-from flowertune_llm.templates import CHAT_TEMPLATES
+from flowertune_llm.deploy import commands as deploy_commands
+from flowertune_llm.training.templates import CHAT_TEMPLATES
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from flowertune_llm.inference import answer, load_adapter_model
-    from flowertune_llm.templates import chat_template
+    from flowertune_llm.training.inference import answer, load_adapter_model
+    from flowertune_llm.training.templates import chat_template
 
     if not (Path(args.peft_path) / "adapter_config.json").is_file():
         print(f"error: --peft-path {args.peft_path} has no adapter_config.json", file=sys.stderr)
@@ -44,8 +44,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from flowertune_llm import profile_report
     from flowertune_llm.config import OutputConfig, default_run_config
+    from flowertune_llm.observe import report as profile_report
 
     default_dir = OutputConfig(default_run_config()["output.dir"]).root
     try:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_chat_arguments(commands.add_parser("chat", help="answer a question with a base model and a trained adapter"))
     add_profile_arguments(commands.add_parser("profile", help="where a profiled run's seconds, bytes and memory went"))
-    handlers = {"chat": chat, "profile": profile, **federation.add_commands(commands)}  # + federation, certs, keys
+    handlers = {"chat": chat, "profile": profile, **deploy_commands.add_commands(commands)}  # + federation, certs, keys
     args = parser.parse_args(argv)
     return handlers[args.command](args)
 

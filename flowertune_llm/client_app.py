@@ -1,5 +1,5 @@
 """ClientApp: one round of local instruction tuning of the global adapter on this node's data, its weights
-moving group by group (``train.receive`` down, ``train``, ``train.send`` up; see strategy.py).
+moving group by group (``train.receive`` down, ``train``, ``train.send`` up; see federated/protocol.py).
 
 In simulation the round runs in this process (an actor that lives for the whole run, so the model stays
 loaded). In deployment Flower starts a new process per message, so the round goes to the node's
@@ -9,22 +9,23 @@ persistent worker instead, and this module imports nothing heavy (no torch) to s
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flowertune_llm import profiling, worker
+from flowertune_llm.config import NodeConfig
+from flowertune_llm.deploy import worker
+from flowertune_llm.federated import profile_mod
 
-app = ClientApp(mods=[profiling.profiling_mod])
+app = ClientApp(mods=[profile_mod.profiling_mod])
 
 
 def _answer(msg: Message, context: Context) -> Message:
-    profile = profiling.current()  # a no-op unless profile.enabled
-    if worker.wanted(context.node_config):
-        content = worker.handle(msg.metadata.message_type, msg.content, context, profile)
+    node = NodeConfig.parse(context.node_config)
+    profile = profile_mod.current()  # a no-op unless the server asked for a profile
+    if worker.wanted(node):
+        content = worker.handle(msg.metadata.message_type, msg.content, context, node, profile)
     else:
-        from flowertune_llm import client_round
+        from flowertune_llm.federated import client_round
 
-        content = client_round.handle(
-            msg.metadata.message_type, msg.content, context.run_config, context.node_config,
-            context.run_id, context.node_id, profile,
-        )  # fmt: skip
+        node_round = client_round.NodeRound.of(context, node)
+        content = client_round.handle(msg.metadata.message_type, msg.content, node_round, profile)
     return Message(content, reply_to=msg)
 
 

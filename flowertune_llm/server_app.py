@@ -8,13 +8,15 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flowertune_llm import data, models, profile_report
-from flowertune_llm.checkpoint import RunDirectory
 from flowertune_llm.config import RunConfig, parse_run_config, to_flat_dict
-from flowertune_llm.exchange import Exchange
-from flowertune_llm.profiling import OFF, PROFILE_FILE, Recorder
-from flowertune_llm.strategy import StreamingFedAvg
-from flowertune_llm.transport import dtype_name, specs_of
+from flowertune_llm.federated.run_directory import RunDirectory
+from flowertune_llm.federated.strategy import StreamingFedAvg
+from flowertune_llm.observe import report
+from flowertune_llm.observe.profiling import OFF, PROFILE_FILE, Recorder
+from flowertune_llm.training import data, models
+from flowertune_llm.units import MiB
+from flowertune_llm.weights.exchange import Exchange
+from flowertune_llm.weights.tensors import dtype_name, specs_of
 
 log = logging.getLogger(f"flwr.{__name__}")
 
@@ -42,13 +44,13 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         profile.close()
     if profile.enabled:
-        summary = profile_report.write_summary(run_dir.path, profile.events)
-        log.info("Profile (flowertune-llm profile %s):\n%s", context.run_id, profile_report.format_tables(summary))
+        summary = report.write_summary(run_dir.path, profile.events)
+        log.info("Profile (flowertune-llm profile %s):\n%s", context.run_id, report.format_tables(summary))
 
     if not config.aggregation_only:
         losses = [f"{r.train_loss:.4f}" for r in strategy.history]
         log.info("Train loss by round: %s", ", ".join(losses))
-    log.info("Communication: %.2f MB in total", strategy.total_bytes / 2**20)
+    log.info("Communication: %.2f MiB in total", strategy.total_bytes / MiB)
     log.info("Final %s: %s", exchange.label, final)
     log.info("Run directory: %s", run_dir.path)
 

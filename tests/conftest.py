@@ -1,21 +1,37 @@
-"""Shared fixtures: an isolated cache for built-in models and small run configs."""
+"""Shared fixtures and helpers: an isolated cache for built-in models, small run configs, tensors compared bit by bit.
+
+Tests mirror the package: ``tests/<package>/test_<module>.py`` tests ``flowertune_llm/<package>/<module>.py``;
+``tests/end_to_end/`` runs the apps in real Flower engines. What tests share with the benchmarks (real
+Flower runs, stand-in grids, the NumPy reference mean) lives in ``testbed/``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from flwr.app import ArrayRecord, Message
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from flowertune_llm.config import RunConfig, default_run_config, parse_run_config
+from flowertune_llm.federated import protocol
+from flowertune_llm.observe.profiling import Recorder
+from flowertune_llm.units import MiB
+from flowertune_llm.weights.tensors import Piece
 
 # Built-in models are built once per test session into a private cache, never into the user's home.
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flowertune-llm-test-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+APP_DIR = Path(__file__).resolve().parents[1]
 
 TINY = {
     "model.name": "builtin:tiny-llama",
@@ -48,29 +64,123 @@ def tiny_config() -> RunConfig:
     return make_config()
 
 
-def load_bench(name: str):
-    """A module of ``bench/`` (not a package), e.g. the NumPy baseline the tests hold the mean to."""
-    import importlib.util
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Messages stamp the sending task's identity, which Flower sets when it starts an app."""
+    from flwr.supercore.task_identity import TaskIdentity
 
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    for name, value in {"_run_id": 7, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def train_content(adapter, server_round: int, learning_rate: float = 1e-3):
-    """A one-group ``train`` message's content carrying the whole global adapter, as the server sends it."""
-    from flwr.app import ConfigRecord, RecordDict
+# --- tensors -------------------------------------------------------------------------------------------------
 
-    from flowertune_llm.transport import specs_of, specs_to_json, to_record
-
-    config = {"server-round": server_round, "learning-rate": learning_rate, "group": 0, "groups": 1,
-              "manifest": specs_to_json(specs_of(adapter)), "reply-keys": list(adapter)}  # fmt: skip
-    return RecordDict({"arrays": to_record(adapter), "config": ConfigRecord(config)})
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def profile_command(run_id: int, run_dir: Path, output_format: str, plot: Path) -> str:
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes, so -0.0 vs 0.0 and NaN payloads count as differences."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(bits(a[key]), bits(b[key])), key
+
+
+def model_state(dtype: torch.dtype, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A small Llama-like state: an embedding and head larger than the rest, a norm, two projections."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+    return {
+        "model.embed_tokens.weight": rand(37, 8),
+        "model.layers.0.input_layernorm.weight": rand(8),
+        "model.layers.0.self_attn.q_proj.weight": rand(8, 8),
+        "model.layers.0.mlp.down_proj.weight": rand(8, 12),
+        "model.norm.weight": rand(8),
+        "lm_head.weight": rand(37, 8),
+    }
+
+
+def pieces_of(state: Mapping[str, torch.Tensor], group: Sequence[Piece]) -> dict[str, torch.Tensor]:
+    """A group's pieces of an in-memory state, as views, keyed as a message carries them."""
+    return {piece.key: piece.take(state[piece.name]) for piece in group}
+
+
+def as_message(record: ArrayRecord) -> Message:
+    """Weights in a Flower message, as a node's ``train.send`` reply carries them."""
+    return Message(protocol.SendRes(record).to_content(), dst_node_id=1, message_type=protocol.SEND)
+
+
+def record_of(message: Message) -> ArrayRecord:
+    return protocol.SendRes.from_content(message.content).arrays
+
+
+def through_deployment(record: ArrayRecord) -> ArrayRecord:
+    """The Deployment Engine's path: deflate every object of the message, inflate from those bytes alone."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    message = as_message(record)
+    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(message).items()}
+    return record_of(inflate_object_from_contents(message.object_id, contents))
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    """Every file of a directory by name, with its bytes: two checkpoints compared byte for byte."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+# --- models and runs ---
+
+
+def small_llama(directory: Path, dtype: torch.dtype, seed: int = 0) -> Path:
+    """A 3-layer Llama with random weights, saved in ``dtype`` as a model directory."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=3, vocab_size=500, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).to(dtype).save_pretrained(directory)
+    return directory
+
+
+def aggregation_only_run(model_dir: Path, mode: str, output_dir: Path, extra: str = "") -> str:
+    """The run config of a 2-round aggregation-only run of the whole model at ``model_dir``, in ~0.1 MiB groups."""
+    return (
+        f"model.name='{model_dir}' model.quantization=0 train.training-arguments.max-steps=0 num-server-rounds=2 "
+        f"strategy.fraction-train=1.0 aggregation.mode='{mode}' aggregation.max-message-mb=0.1 "
+        f"output.dir='{output_dir}' {extra}"
+    ).strip()
+
+
+# --- profiles ---
+
+
+def record_a_round(recorder: Recorder, server_round: int) -> None:
+    """A server round as the round loop records it: spans, a message each way, two arrivals, memory."""
+    recorder.round = server_round
+    with recorder.span("round"):
+        with recorder.span("configure"):
+            time.sleep(0.01)
+        recorder.emit({"kind": "message", "node": 5, "direction": "down", "bytes": 1000})
+        recorder.record_span("wait", 0.05, time.time())
+        time.sleep(0.05)
+        recorder.emit({"kind": "arrival", "node": 5, "order": 1, "seconds": 0.04})
+        recorder.emit({"kind": "arrival", "node": 6, "order": 2, "seconds": 0.05})
+        recorder.emit({"kind": "message", "node": 5, "direction": "up", "bytes": 1000})
+        with recorder.span("aggregate"):
+            time.sleep(0.01)
+    recorder.memory()
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+def profile_command(run_id: int, run_dir: Path, output_format: str, plot: Path) -> str | dict:
     """Run `flowertune-llm profile` on a finished run as a user would; return what it printed."""
     completed = subprocess.run(
         ["flowertune-llm", "profile", str(run_id), "--output-dir", str(run_dir.parent),
@@ -80,3 +190,22 @@ def profile_command(run_id: int, run_dir: Path, output_format: str, plot: Path) 
     assert completed.returncode == 0, completed.stderr
     assert plot.stat().st_size > 10_000
     return json.loads(completed.stdout) if output_format == "json" else completed.stdout
+
+
+def table_rows(printed: str, title: str) -> list[list[str]]:
+    """The cells of the table printed under ``title`` (a heading line, a ruler, then one row per line)."""
+    lines = printed.split(f"{title}\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [line.split() for line in lines[2:]]
+
+
+def profiled_run_report(run_id: int, run_dir: Path, tmp_path: Path) -> dict:
+    """`flowertune-llm profile` in both formats; the table must show the JSON's figures. Returns the JSON."""
+    report = profile_command(run_id, run_dir, "json", tmp_path / "timeline-json.png")
+    table = profile_command(run_id, run_dir, "table", tmp_path / "timeline-table.png")
+    rounds, nodes = table_rows(table, "Per round"), table_rows(table, "Per node")
+    assert [int(row[0]) for row in rounds] == [r["round"] for r in report["rounds"]]
+    assert [(row[8], row[9]) for row in rounds] == [
+        (f"{r['bytes_down'] / MiB:.2f}", f"{r['bytes_up'] / MiB:.2f}") for r in report["rounds"]
+    ]  # down MiB, up MiB
+    assert [(row[0], int(row[1])) for row in nodes] == [(str(n["node"]), n["rounds"]) for n in report["nodes"]]
+    return report

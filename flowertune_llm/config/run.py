@@ -1,0 +1,300 @@
+"""The run config: parsed once from Flower's flat ``run_config`` into typed, validated objects.
+
+Flower hands every app a flat dict with dotted keys (``model.lora.peft-lora-r``). Each section below is a
+frozen dataclass whose fields are named after those keys (``-`` becomes ``_``) and whose ``PREFIX`` says
+where the section lives, so a key maps to exactly one field and back. Defaults live in one place only,
+``[tool.flwr.app.config]`` in ``pyproject.toml``; config/presets.py reads them from there and layers a
+preset under the user's overrides.
+
+Every check runs at construction and raises :class:`ConfigError` naming the key, the value and what is
+allowed, so a bad run stops before any model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, get_type_hints
+
+from flowertune_llm.config.errors import ConfigError
+from flowertune_llm.config.presets import resolve_preset
+
+QUANTIZATIONS = (0, 4, 8)
+DTYPES = ("float32", "bfloat16", "float16")
+DATASET_FORMATS = ("general-nlp", "finance", "medical", "code", "alpaca")
+AGGREGATION_MODES = ("layerwise", "all_at_once")
+
+
+def _key(section: Any, field_name: str) -> str:
+    return section.PREFIX + field_name.replace("_", "-")
+
+
+def _require(section: Any, field_name: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(_key(section, field_name), getattr(section, field_name), problem)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA or DoRA adapter settings (PEFT's ``LoraConfig``)."""
+
+    PREFIX: ClassVar[str] = "model.lora."
+    peft_lora_r: int
+    peft_lora_alpha: float
+    peft_lora_dropout: float
+    target_modules: str  # comma-separated; "" lets PEFT pick its default for the architecture
+    use_dora: bool
+
+    def __post_init__(self) -> None:
+        _require(self, "peft_lora_r", self.peft_lora_r > 0, "the rank must be a positive integer")
+        _require(self, "peft_lora_alpha", self.peft_lora_alpha > 0, "alpha must be positive")
+        _require(self, "peft_lora_dropout", 0 <= self.peft_lora_dropout < 1, "allowed: 0 <= dropout < 1")
+        modules = self.target_modules.split(",")
+        _require(
+            self,
+            "target_modules",
+            not self.target_modules or all(m.strip() for m in modules),
+            "expected comma-separated module names such as 'q_proj,v_proj', or '' for PEFT's default",
+        )
+
+    @property
+    def target_module_names(self) -> list[str] | None:
+        return [m.strip() for m in self.target_modules.split(",")] if self.target_modules else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: where it comes from, how it is quantized and placed, and its adapter."""
+
+    PREFIX: ClassVar[str] = "model."
+    name: str
+    quantization: int
+    dtype: str
+    device_map: str  # "auto": the GPU Flower/Ray assigned when there is one, else the CPU
+    gradient_checkpointing: bool
+    lora: LoraSettings
+
+    def __post_init__(self) -> None:
+        _require(self, "name", bool(self.name.strip()), "a Hub id, a local directory or 'builtin:<name>'")
+        _require(
+            self, "quantization", self.quantization in QUANTIZATIONS, f"allowed: {', '.join(map(str, QUANTIZATIONS))}"
+        )
+        _require(self, "dtype", self.dtype in DTYPES, f"allowed: {', '.join(DTYPES)}")
+        _require(self, "device_map", bool(self.device_map), "allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """The subset of ``trl.SFTConfig`` a recipe sets; everything else keeps TRL's default."""
+
+    PREFIX: ClassVar[str] = "train.training-arguments."
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    optim: str
+    weight_decay: float
+    max_grad_norm: float
+    logging_steps: int
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            _require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        _require(self, "max_steps", self.max_steps >= 0, "a positive integer, or 0 for an aggregation-only run")
+        _require(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _require(self, "max_grad_norm", self.max_grad_norm > 0, "must be > 0")
+        _require(self, "optim", bool(self.optim), "a transformers optimizer name such as 'adamw_torch'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training and the learning-rate schedule across rounds."""
+
+    PREFIX: ClassVar[str] = "train."
+    save_every_round: int
+    learning_rate_max: float
+    learning_rate_min: float
+    seq_length: int
+    seed: int
+    training_arguments: TrainingArguments
+
+    def __post_init__(self) -> None:
+        _require(self, "save_every_round", self.save_every_round > 0, "must be a positive integer")
+        _require(self, "seq_length", self.seq_length > 0, "must be a positive integer")
+        _require(self, "learning_rate_min", self.learning_rate_min >= 0, "must be >= 0")
+        _require(
+            self,
+            "learning_rate_max",
+            self.learning_rate_max >= self.learning_rate_min and math.isfinite(self.learning_rate_max),
+            f"must be >= train.learning-rate-min ({self.learning_rate_min})",
+        )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Which nodes train each round and how long the server waits for them."""
+
+    PREFIX: ClassVar[str] = "strategy."
+    fraction_train: float
+    min_train_nodes: int
+    round_timeout: float  # seconds; LLM rounds can outlast Flower's one-hour default
+
+    def __post_init__(self) -> None:
+        _require(self, "fraction_train", 0 < self.fraction_train <= 1, "allowed: 0 < fraction <= 1")
+        _require(self, "min_train_nodes", self.min_train_nodes >= 1, "must be >= 1")
+        _require(self, "round_timeout", self.round_timeout > 0, "seconds, must be > 0")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How a round's weights move: the whole state per message, or group by group within a byte budget."""
+
+    PREFIX: ClassVar[str] = "aggregation."
+    mode: str  # layerwise | all_at_once
+    max_message_mb: float  # layerwise: the most one message may carry (MiB, as ArrayRecord.count_bytes counts)
+    window: int  # layerwise: group messages in flight per node, so a node's next group is waiting when it answers
+
+    def __post_init__(self) -> None:
+        _require(self, "mode", self.mode in AGGREGATION_MODES, f"allowed: {', '.join(AGGREGATION_MODES)}")
+        _require(
+            self, "max_message_mb", 0 < self.max_message_mb < math.inf, "MiB per message, must be > 0 and finite"
+        )
+        _require(self, "window", self.window >= 1, "group messages in flight per node, must be >= 1")
+
+    @property
+    def max_message_bytes(self) -> float:
+        """The group budget: unbounded (one group) for all_at_once."""
+        return self.max_message_mb * 2**20 if self.mode == "layerwise" else math.inf
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The instruction dataset, fixed per challenge by the leaderboard (``[tool.flwr.app.config.static]``)."""
+
+    PREFIX: ClassVar[str] = "static.dataset."
+    name: str  # a Hub id, a local .json/.jsonl/.parquet/.csv file, or 'builtin:<name>'
+    format: str
+
+    def __post_init__(self) -> None:
+        _require(self, "name", bool(self.name.strip()), "a Hub id, a local data file or 'builtin:<name>'")
+        _require(self, "format", self.format in DATASET_FORMATS, f"unknown challenge; allowed: {', '.join(DATASET_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    PREFIX: ClassVar[str] = "output."
+    dir: str
+
+    @property
+    def root(self) -> Path:
+        """Absolute, because Flower runs the ServerApp in the SuperLink's working directory, not the app's."""
+        return Path(self.dir).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    PREFIX: ClassVar[str] = "profile."
+    enabled: bool  # record spans, memory and bytes per round and node into profile.jsonl
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    PREFIX: ClassVar[str] = ""
+    preset: str
+    num_server_rounds: int
+    model: ModelConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    aggregation: AggregationConfig
+    dataset: DatasetConfig
+    output: OutputConfig
+    profile: ProfileConfig
+
+    def __post_init__(self) -> None:
+        _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")
+
+    @property
+    def aggregation_only(self) -> bool:
+        """``max-steps=0``: no data, no tokenizer, no training; each node returns the weights it holds."""
+        return self.train.training_arguments.max_steps == 0
+
+    @property
+    def exchanges_full_weights(self) -> bool:
+        """An aggregation-only run of an unquantized model averages the model itself; everything else the adapter.
+
+        Quantized weights cannot be averaged, and training adapts (and so exchanges) only the adapter.
+        """
+        return self.aggregation_only and self.model.quantization == 0
+
+
+def _build(cls: type, flat: Mapping[str, Any], used: set[str]) -> Any:
+    """Construct ``cls`` from the keys under its prefix, converting and type-checking each value."""
+    hints = get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            values[field.name] = _build(kind, flat, used)
+            continue
+        key = _key(cls, field.name)
+        if key not in flat:
+            raise ConfigError(key, None, "missing from the run config")
+        used.add(key)
+        values[field.name] = _coerce(key, flat[key], kind)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML writes 1 for 1.0 and users write "1e-4" in shells; accept what is unambiguous, reject the rest.
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(key, value, f"expected {kind.__name__}, got {type(value).__name__}")
+
+
+def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Turn Flower's flat ``context.run_config`` into a validated :class:`RunConfig` (presets applied)."""
+    flat = resolve_preset(flat)
+    used: set[str] = set()
+    config = _build(RunConfig, flat, used)
+    unknown = sorted(set(flat) - used)
+    if unknown:
+        raise ConfigError(unknown[0], flat[unknown[0]], "unknown key")
+    return config
+
+
+_parsed: dict[tuple[int, tuple[tuple[str, Any], ...]], RunConfig] = {}
+
+
+def run_config_of(run_id: int, flat: Mapping[str, Any]) -> RunConfig:
+    """:func:`parse_run_config` once per process and run: a node answers hundreds of messages per round.
+
+    Keyed by the run and the flat values themselves, so a process that serves two runs (or a test that
+    reuses a run id with another config) never gets a stale config.
+    """
+    key = (run_id, tuple(sorted(flat.items())))
+    if key not in _parsed:
+        _parsed.clear()  # one run at a time is the rule; keep none of the old
+        _parsed[key] = parse_run_config(flat)
+    return _parsed[key]
+
+
+def to_flat_dict(config: Any) -> dict[str, Any]:
+    """The inverse of :func:`parse_run_config`: flat dotted keys, for logs and the run directory."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value))
+        else:
+            flat[_key(config, field.name)] = value
+    return flat

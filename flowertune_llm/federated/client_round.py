@@ -1,0 +1,140 @@
+"""A node's side of a round: take the global weights, train, hand the update back group by group.
+
+A round reaches a node as up to three kinds of message (federated/protocol.py): ``train.receive`` with a
+group of the global model, ``train`` (perhaps with the last group) to train and answer with the first
+group of the update, and ``train.send`` for each further group. With ``max-steps=0`` the node trains
+nothing and loads no data, tokenizer or model: it answers with the weights it holds.
+
+Runs inside the ClientApp process in simulation (whose actors live for the whole run) and inside the
+node's persistent worker in deployment (deploy/worker.py), so the model is loaded once per process either
+way. Weights between messages live on the node's disk (weights/node_state.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+
+from flowertune_llm.config import NodeConfig, NodeConfigError, RunConfig, run_config_of
+from flowertune_llm.federated import protocol
+from flowertune_llm.observe.profiling import Profiler
+from flowertune_llm.training import data, models, sft
+from flowertune_llm.weights.node_state import NodeState, ReceivedGroups
+from flowertune_llm.weights.transport import from_record, to_record
+
+log = logging.getLogger(f"flwr.{__name__}")
+
+
+@dataclass(frozen=True)
+class NodeRound:
+    """Who is answering: the run's config (parsed once per process and run) and this node's own."""
+
+    run_id: int
+    node_id: int
+    run: RunConfig
+    node: NodeConfig
+
+    @classmethod
+    def of(cls, context: Context, node: NodeConfig) -> NodeRound:
+        return cls(context.run_id, context.node_id, run_config_of(context.run_id, context.run_config), node)
+
+
+def handle(message_type: str, content: RecordDict, node_round: NodeRound, profile: Profiler) -> RecordDict:
+    """Answer one message of a round (its type says which part); returns the reply's content."""
+    state = NodeState.open(node_round.run_id, node_round.node_id, node_round.node.state_dir)
+    if message_type == protocol.RECEIVE:
+        _store(protocol.ReceiveIns.from_content(content).group, protocol.Header.from_content(content), state)
+        return protocol.Ack().to_content()
+    if message_type == protocol.SEND:
+        return send(protocol.SendIns.from_content(content), state).to_content()
+    return train(protocol.TrainIns.from_content(content), node_round, state, profile).to_content()
+
+
+def _store(group: protocol.Group, header: protocol.Header, state: NodeState) -> None:
+    """``train.receive`` (or the group riding with ``train``): store one group of the global model."""
+    if group.index == 0:
+        state.begin_round(header.server_round)
+    state.receive(header.server_round, group.index, group.count, from_record(group.arrays), group.manifest)
+
+
+def train(ins: protocol.TrainIns, node_round: NodeRound, state: NodeState, profile: Profiler) -> protocol.TrainRes:
+    """``train``: take the global weights, train on this node's data, answer with the update's first group."""
+    server_round, config = ins.header.server_round, node_round.run
+    if ins.group is not None:
+        _store(ins.group, ins.header, state)
+    else:
+        state.begin_round(server_round)
+    received = state.received(server_round)
+
+    if config.aggregation_only:
+        weight, loss, step_seconds = _hold(node_round, state, server_round, received), None, None
+    else:
+        if received is None:
+            raise ValueError(f"round {server_round}: the train message came without the global adapter")
+        weight, loss, step_seconds = _train(node_round, state, server_round, received, ins.learning_rate, profile)
+
+    with state.source(server_round) as source, profile.span("adapter_out"):
+        arrays = to_record(source.group(ins.reply_keys))
+        manifest = source.specs
+    return protocol.TrainRes(arrays, manifest, weight, loss, step_seconds)
+
+
+def send(ins: protocol.SendIns, state: NodeState) -> protocol.SendRes:
+    """``train.send``: one more group of this round's update."""
+    with state.source(ins.header.server_round) as source:
+        return protocol.SendRes(to_record(source.group(ins.keys)))
+
+
+def _hold(node_round: NodeRound, state: NodeState, server_round: int, received: ReceivedGroups | None) -> float:
+    """Aggregation-only: serve what the server sent, or else (a full model's first round) the node's own copy."""
+    if received is not None:
+        state.serve_from(server_round, received.directory)
+    else:
+        if not node_round.run.exchanges_full_weights:
+            raise ValueError(f"round {server_round}: the train message came without the global adapter")
+        state.serve_from(server_round, own_weights(node_round))
+    return node_round.node.aggregation_weight
+
+
+def own_weights(node_round: NodeRound) -> Path:
+    """The node's copy of ``model.name`` (or of its ``model-path``) as local safetensors files."""
+    path = node_round.node.model_path
+    if path is not None:
+        if not path.is_dir():
+            raise NodeConfigError(f"node config model-path='{path}': no such directory")
+        return path
+    return models.local_weights(node_round.run.model.name)
+
+
+def _train(
+    node_round: NodeRound, state: NodeState, server_round: int, received: ReceivedGroups, learning_rate: float,
+    profile: Profiler,
+) -> tuple[float, float, float]:  # fmt: skip
+    config = node_round.run
+    # Data first: a node whose data is missing fails in seconds, not after loading a model.
+    with profile.span("data_load") as span:
+        dataset = data.load_node_dataset(config.dataset, node_round.node)
+        span["examples"] = len(dataset)
+    with profile.span("model_load") as span:
+        model, tokenizer, span["cache_hit"] = models.cached_peft_model(config.model)
+    with profile.span("adapter_in"), received:
+        models.set_adapter_state(model, received.state())
+
+    with profile.span("train") as span:
+        result = sft.train_round(
+            model, tokenizer, dataset, config.train, config.model, learning_rate=learning_rate, server_round=server_round
+        )
+        span.update(
+            steps=result.steps, tokens=result.tokens, tokenize_seconds=result.prepare_seconds,
+            step_seconds=result.step_seconds,
+            tokens_per_second=result.tokens / result.step_seconds if result.step_seconds else None,
+        )  # fmt: skip
+    log.info(
+        "Round %d: train_loss %.4f over %d steps on %d examples (%d tokens, %.1f s)",
+        server_round, result.train_loss, result.steps, result.num_examples, result.tokens, result.seconds,
+    )  # fmt: skip
+    state.serve_from(server_round, state.save_update(server_round, models.get_adapter_state(model)))
+    return result.num_examples, result.train_loss, result.step_seconds

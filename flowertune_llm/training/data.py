@@ -1,0 +1,136 @@
+"""Instruction data: federated partitions and one prompt formatter per FlowerTune challenge.
+
+Each formatter turns a record into ``prompt`` and ``completion``; TRL's SFTTrainer then puts the loss on
+the completion only. The prompts follow the FlowerTune leaderboard's training templates (templates.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from datasets import Dataset, load_dataset
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import IidPartitioner
+
+from flowertune_llm import builtin
+from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError
+from flowertune_llm.config.node import LOCAL_DATA_FORMATS
+from flowertune_llm.training.templates import alpaca_prompt, flowertune_prompt
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    required_columns: tuple[str, ...]
+    to_prompt: Callable[[Record], str]
+    response_prefix: str = " "  # the leaderboard prompt ends at "### Response:"; the answer follows a space
+
+
+FORMATS: dict[str, PromptFormat] = {
+    # General NLP drops Alpaca's `input`, as the leaderboard does.
+    "general-nlp": PromptFormat(("instruction", "output"), lambda r: flowertune_prompt(r["instruction"])),
+    "finance": PromptFormat(
+        ("instruction", "input", "output"), lambda r: flowertune_prompt(f"{r['instruction']} {r['input']}")
+    ),
+    # Medical flashcards carry a constant instruction; the question is in `input`.
+    "medical": PromptFormat(("input", "output"), lambda r: flowertune_prompt(r["input"])),
+    "code": PromptFormat(
+        ("instruction", "input", "output"), lambda r: flowertune_prompt(f"{r['instruction']} {r['input']}")
+    ),
+    "alpaca": PromptFormat(
+        ("instruction", "input", "output"),
+        lambda r: alpaca_prompt(r["instruction"], r["input"] or ""),
+        response_prefix="",
+    ),
+}
+
+
+def format_record(record: Record, format_name: str) -> dict[str, str]:
+    prompt_format = FORMATS[format_name]
+    return {"prompt": prompt_format.to_prompt(record), "completion": prompt_format.response_prefix + record["output"]}
+
+
+def check_columns(columns: list[str], config: DatasetConfig) -> None:
+    missing = [c for c in FORMATS[config.format].required_columns if c not in columns]
+    if missing:
+        raise ConfigError(
+            "static.dataset.name",
+            config.name,
+            f"format '{config.format}' needs columns {', '.join(missing)}, which the data lacks "
+            f"(it has: {', '.join(columns)})",
+        )
+
+
+def format_dataset(dataset: Dataset, config: DatasetConfig) -> Dataset:
+    check_columns(dataset.column_names, config)
+    return dataset.map(
+        format_record, fn_kwargs={"format_name": config.format}, remove_columns=dataset.column_names
+    )
+
+
+def local_file(name: str) -> Path | None:
+    """The file behind ``static.dataset.name`` when it names one (built-in or by suffix), else None (a Hub id)."""
+    if builtin.is_builtin(name):
+        return builtin.dataset_path(name)
+    path = Path(name).expanduser()
+    return path.resolve() if path.suffix in LOCAL_DATA_FORMATS else None
+
+
+def _load_dataset_kwargs(config: DatasetConfig) -> dict[str, Any]:
+    path = local_file(config.name)
+    if path is None:
+        return {"dataset": config.name}
+    if not path.is_file():
+        raise ConfigError("static.dataset.name", config.name, f"no such file: {path}")
+    return {"dataset": LOCAL_DATA_FORMATS[path.suffix], "data_files": str(path)}
+
+
+def _load_local(path: Path, streaming: bool = False):
+    """A local data file through its `datasets` loader, chosen by suffix."""
+    return load_dataset(LOCAL_DATA_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming)
+
+
+def check_local_dataset(config: DatasetConfig) -> None:
+    """For a local file, fail on a missing file or missing columns before any training starts."""
+    if "data_files" in _load_dataset_kwargs(config):  # raises on a missing file
+        check_columns(list(next(iter(_load_local(local_file(config.name), streaming=True)))), config)
+
+
+_federated: dict[tuple[DatasetConfig, int], FederatedDataset] = {}
+_partitions: dict[tuple[DatasetConfig, int, int], Dataset] = {}
+
+
+def load_partition(config: DatasetConfig, partition_id: int, num_partitions: int) -> Dataset:
+    """This node's IID share of the training split, formatted; cached for the life of the process."""
+    key = (config, partition_id, num_partitions)
+    if key not in _partitions:
+        if (config, num_partitions) not in _federated:
+            _federated[(config, num_partitions)] = FederatedDataset(
+                partitioners={"train": IidPartitioner(num_partitions=num_partitions)}, **_load_dataset_kwargs(config)
+            )
+        partition = _federated[(config, num_partitions)].load_partition(partition_id, "train")
+        _partitions[key] = format_dataset(partition, config)
+    return _partitions[key]
+
+
+_local: dict[tuple[str, str], Dataset] = {}
+
+
+def load_node_dataset(config: DatasetConfig, node: NodeConfig) -> Dataset:
+    """The data this node trains on, formatted.
+
+    A data owner's own file (``dataset-path``, optionally ``dataset-format``, in the node config) is used
+    whole; without one the node takes its IID partition of ``static.dataset.name``.
+    """
+    if node.dataset_path is None:
+        return load_partition(config, *node.partition())
+    path, format_name = node.dataset_path, node.dataset_format or config.format
+    if not path.is_file():
+        raise NodeConfigError(f"node config dataset-path='{path}': no such file")
+    key = (str(path), format_name)
+    if key not in _local:
+        _local[key] = format_dataset(_load_local(path), DatasetConfig(str(path), format_name))
+    return _local[key]

@@ -1,0 +1,174 @@
+"""The app on Flower's Deployment Engine: a real SuperLink and SuperNodes on 127.0.0.1, TLS and SuperNode auth.
+
+One federation serves the whole module (starting one costs ~10 s; every message in deployment starts a
+``flwr-clientapp`` process, and each node's first round starts its persistent worker): two authenticated
+SuperNodes, one with its IID partition and one with its own data file, run the quickstart for two rounds;
+then a third SuperNode whose node config names a file that does not exist joins and one more round runs
+with all three. Everything a test starts is stopped by PID in the fixture's teardown, which fails if any
+process survives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+
+from flowertune_llm.builtin.make_instructions import make_instructions
+from flowertune_llm.deploy.certificates import make_certificates
+from flowertune_llm.deploy.cli_config import write_cli_connection
+from flowertune_llm.deploy.federation import FederationError, LocalFederation
+from testbed.flower import RunResult, federation_link
+
+from conftest import APP_DIR, profiled_run_report
+
+pytestmark = pytest.mark.deployment
+
+OWN_EXAMPLES = 37  # the node-local file's size: no partition of the 700 built-in examples has it
+# The SuperExec inside each SuperNode polls for new ClientApp tasks every second by default.
+FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deployment")
+    own_data = tmp / "node-data" / "own.jsonl"
+    own_data.parent.mkdir()
+    own_data.write_text("".join(json.dumps(r) + "\n" for r in make_instructions(OWN_EXAMPLES, seed=2024)))
+    fed = LocalFederation(
+        tmp / "federation",
+        num_supernodes=2,
+        tls=True,
+        auth=True,
+        node_configs=["partition-id=0 num-partitions=2", {"dataset-path": str(own_data)}],
+        env=FAST_POLL,
+    )
+    with fed:  # stops every process by PID on the way out, also when a test failed
+        yield fed
+    assert not fed.pids(), "processes survived the federation"
+
+
+def run_app(fed: LocalFederation, run_config: str, timeout: float = 300) -> RunResult:
+    """`flwr run` on the federation's TLS connection, wait for the end, return status and log (testbed/flower.py)."""
+    return federation_link(fed).run_app(APP_DIR, run_config=run_config, timeout=timeout)
+
+
+def quickstart(output_dir: Path, rounds: int, **overrides: object) -> str:
+    pairs = {"preset": "'quickstart'", "num-server-rounds": rounds, "output.dir": f"'{output_dir}'", **overrides}
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
+
+
+@pytest.fixture(scope="module")
+def two_node_run(federation, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("deployment-runs")
+    result = run_app(federation, quickstart(output_dir, 2, **{"train.save-every-round": 1, "profile.enabled": "true"}))
+    return result, output_dir / str(result.run_id)
+
+
+@pytest.fixture(scope="module")
+def bad_node_run(federation, two_node_run, tmp_path_factory):
+    """A third SuperNode whose dataset-path does not exist joins; one round with all three nodes sampled."""
+    missing = tmp_path_factory.mktemp("nowhere") / "missing.jsonl"
+    bad = federation.add_supernode({"dataset-path": str(missing)})
+    output_dir = tmp_path_factory.mktemp("deployment-runs-bad-node")
+    result = run_app(federation, quickstart(output_dir, 1, **{"strategy.min-train-nodes": 2}))
+    return result, output_dir / str(result.run_id), bad, missing
+
+
+def test_two_authenticated_nodes_over_tls_complete_the_run(federation, two_node_run):
+    result, run_dir = two_node_run
+    assert result.ok, result.details
+    node_ids = sorted(node.node_id for node in federation.supernodes[:2])
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        # The ids the SuperLink gave at `flwr supernode register` are the ones the ServerApp sampled.
+        assert record["nodes"] == node_ids and sorted(record["aggregated"]) == node_ids
+        assert record["failures"] == {}
+    assert "[round 2/2] train_loss" in result.output
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-1", "round-2"]
+
+
+def test_final_checkpoint_loads_with_peft(two_node_run):
+    _, run_dir = two_node_run
+    model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "round-2"))
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA B starts at zero
+    logits = model(input_ids=torch.tensor([[1, 40, 50, 60]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def client_spans(run_dir: Path, name: str) -> dict[tuple[int, int], dict]:
+    """The ClientApps' ``name`` spans from the run's profile, by (node id, round)."""
+    events = [json.loads(line) for line in (run_dir / "profile.jsonl").read_text().splitlines()]
+    return {(e["node"], e["round"]): e for e in events if e.get("kind") == "span" and e.get("name") == name}
+
+
+def test_node_local_dataset_is_used_by_its_node(federation, two_node_run):
+    _, run_dir = two_node_run
+    partition_node, own_node = federation.supernodes[:2]
+    examples = {key: span["examples"] for key, span in client_spans(run_dir, "data_load").items()}
+    assert examples == {
+        (partition_node.node_id, 1): 350,  # half of the 700 built-in examples
+        (partition_node.node_id, 2): 350,
+        (own_node.node_id, 1): OWN_EXAMPLES,
+        (own_node.node_id, 2): OWN_EXAMPLES,
+    }
+
+
+def test_each_node_keeps_its_model_loaded_across_rounds(federation, two_node_run):
+    """Flower starts a ClientApp process per message; the node's persistent worker keeps the model."""
+    _, run_dir = two_node_run
+    loads = client_spans(run_dir, "model_load")
+    for node in federation.supernodes[:2]:
+        assert (loads[(node.node_id, 1)]["cache_hit"], loads[(node.node_id, 2)]["cache_hit"]) == (False, True)
+        worker_log = federation.worker_log(node)
+        assert (
+            worker_log is not None
+            and f"on {350 if node is federation.supernodes[0] else OWN_EXAMPLES} examples" in worker_log.read_text()
+        )
+
+
+def test_profile_command_reads_a_deployment_run(two_node_run, tmp_path):
+    """Profiling works the same in deployment: the client mod's spans come back in the replies."""
+    result, run_dir = two_node_run
+    report = profiled_run_report(result.run_id, run_dir, tmp_path)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(0.95 <= r["coverage"] <= 1.0 for r in report["rounds"])
+    assert len(report["nodes"]) == 2 and all(n["model_loads"] == 1 for n in report["nodes"])
+
+
+def test_node_with_a_bad_node_config_is_named_and_the_round_completes(bad_node_run):
+    result, run_dir, bad, missing = bad_node_run
+    assert result.ok, result.details
+    (record,) = json.loads((run_dir / "history.json").read_text())
+    assert bad.node_id in record["nodes"] and len(record["nodes"]) == 3
+    assert len(record["aggregated"]) == 2 and bad.node_id not in record["aggregated"]
+    reason = record["failures"][str(bad.node_id)]
+    assert "NodeConfigError" in reason and "dataset-path" in reason and str(missing) in reason, reason
+    assert f"node {bad.node_id} left out" in result.output
+    assert "2/3 nodes" in result.output
+    assert (run_dir / "checkpoints" / "round-1" / "adapter_model.safetensors").is_file()
+
+
+def test_unregistered_supernode_key_is_refused(federation):
+    with pytest.raises(FederationError, match="Failed to activate SuperNode") as refused:
+        federation.add_supernode("partition-id=0 num-partitions=2", register=False)
+    node = federation.supernodes[-1]
+    assert node.proc.returncode != 0, refused.value
+    online = json.loads(federation.flwr("supernode", "ls", federation.connection, "--format", "json").stdout)
+    assert all(n["node-id"] != str(node.node_id) for n in online["nodes"])
+
+
+def test_cli_without_tls_or_with_another_ca_cannot_reach_the_superlink(federation, tmp_path):
+    write_cli_connection(federation.cli_home, "insecure-link", federation.address, None)
+    other_ca = make_certificates(tmp_path / "other-ca").ca_cert
+    write_cli_connection(federation.cli_home, "wrong-ca-link", federation.address, other_ca)
+    for connection in ("insecure-link", "wrong-ca-link"):
+        refused = federation.flwr("ls", connection, check=False)
+        assert refused.returncode != 0, (connection, refused.stdout)
+        assert "Connection to the SuperLink is unavailable" in refused.stdout + refused.stderr
+    assert federation.flwr("ls", federation.connection).returncode == 0

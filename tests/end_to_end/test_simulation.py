@@ -1,0 +1,154 @@
+"""A real `flwr run` in the Simulation Engine: 3 SuperNodes, 3 rounds, the built-in model, offline, profiled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flowertune_llm.builtin.make_instructions import make_instructions
+from flowertune_llm.config import DatasetConfig, default_run_config, parse_run_config
+from flowertune_llm.observe.report import load_profile, summarize
+from flowertune_llm.training import models
+from flowertune_llm.training.data import format_dataset
+from flowertune_llm.weights.transport import to_record
+from testbed.flower import simulation_superlink
+
+from conftest import APP_DIR, profiled_run_report
+
+ROUNDS = 3
+
+pytestmark = pytest.mark.simulation
+QUICKSTART = parse_run_config({**default_run_config(), "preset": "quickstart"})
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("simulation")
+    output_dir = tmp_path / "runs"
+    with simulation_superlink(tmp_path) as link:
+        # The quickstart preset, with the round count and output directory overridden on the command line.
+        result = link.run_app(
+            APP_DIR,
+            run_config=(
+                f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round=2 "
+                f"output.dir='{output_dir}' profile.enabled=true"
+            ),
+            federation_config="num-supernodes=3 client-resources-num-cpus=1",
+        )
+    return result, output_dir / str(result.run_id)
+
+
+def completion_loss(model, tokenizer, rows: Dataset) -> float:
+    """Mean cross-entropy over response tokens only, as training computes it."""
+    losses = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        full = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
+        labels = [-100] * len(prompt) + full[len(prompt) :]
+        with torch.no_grad():
+            output = model(input_ids=torch.tensor([full]), labels=torch.tensor([labels]))
+        losses.append(output.loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_run_completes_and_logs_each_round(quickstart_run):
+    result, run_dir = quickstart_run
+    assert result.ok, result.details
+    for server_round in range(1, ROUNDS + 1):
+        assert f"[round {server_round}/{ROUNDS}] train_loss" in result.output
+    assert f"Run directory: {run_dir}" in result.output
+
+
+def test_history_shows_falling_loss_and_exact_byte_counts(quickstart_run):
+    _, run_dir = quickstart_run
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
+    losses = [r["train_loss"] for r in history]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert (run_dir / "loss.png").stat().st_size > 10_000
+
+    adapter = models.get_adapter_state(models.build_peft_model(QUICKSTART.model))
+    payload = to_record(adapter).count_bytes()
+    for record in history:
+        assert len(record["nodes"]) == 3 and record["failures"] == {}
+        assert record["bytes_down"] == payload * len(record["nodes"])
+        assert record["bytes_up"] == payload * len(record["aggregated"])
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    assert saved["num-server-rounds"] == ROUNDS and saved["model.name"] == "builtin:tiny-llama"
+
+
+def test_checkpoints_load_with_peft_and_beat_the_initial_adapter(quickstart_run, tmp_path, monkeypatch):
+    _, run_dir = quickstart_run
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-2", f"round-{ROUNDS}"]
+    final = run_dir / "checkpoints" / f"round-{ROUNDS}"
+    monkeypatch.chdir(tmp_path)  # the base model path inside the adapter is absolute
+
+    base_path = models.resolve_model_path(QUICKSTART.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    # Fresh examples from the same tasks, drawn with a seed the shipped set does not use.
+    held_out = format_dataset(Dataset.from_list(make_instructions(40, seed=123)), DatasetConfig("-", "alpaca"))
+
+    # The initial global adapter is PEFT's initialisation, LoRA B = 0: exactly the base model.
+    initial_loss = completion_loss(AutoModelForCausalLM.from_pretrained(base_path), tokenizer, held_out)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(final))
+    final_loss = completion_loss(trained, tokenizer, held_out)
+    assert final_loss < initial_loss - 0.1, (initial_loss, final_loss)
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(final))
+    tokens = torch.tensor([[1, 40, 50, 60]])
+    torch.testing.assert_close(auto(input_ids=tokens).logits, trained(input_ids=tokens).logits)
+
+
+def test_test_py_answers_with_the_final_adapter(quickstart_run):
+    _, run_dir = quickstart_run
+    final = run_dir / "checkpoints" / f"round-{ROUNDS}"
+    completed = subprocess.run(
+        [sys.executable, str(APP_DIR / "test.py"), "--peft-path", str(final), "--question", "What is the capital of France?",
+         "--template", "alpaca", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip()
+
+
+def test_profile_accounts_for_each_round(quickstart_run, tmp_path):
+    result, run_dir = quickstart_run
+    profile = load_profile(run_dir / "profile.jsonl")
+    assert profile.warnings == []
+    summary = summarize(profile.events)
+    assert json.loads((run_dir / "profile_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert "Per round" in result.output and "Per node" in result.output  # printed at the end, so `flwr log` has it
+
+    history = json.loads((run_dir / "history.json").read_text())
+    for row, record in zip(summary["rounds"], history):
+        # The named parts (configure, send, wait, decode, aggregate, history, checkpoint) add up to the round.
+        assert 0.95 <= row["coverage"] <= 1.0, row
+        assert row["bytes_down"] == record["bytes_down"] and row["bytes_up"] == record["bytes_up"]
+        assert row["train_seconds_max"] >= row["train_seconds_median"] > 0
+        assert row["server_peak_rss_mb"] > 0 and row["client_peak_rss_mb"] > 0
+    nodes = summary["nodes"]
+    assert len(nodes) == 3 and all(n["rounds"] == ROUNDS for n in nodes)
+    # Simulation actors keep the model: each actor loads it once, every later round is a cache hit.
+    assert sum(n["model_loads"] for n in nodes) <= 2
+    assert all(n["tokens_per_second_median"] > 0 for n in nodes)
+
+    # Client spans nest inside their handler and add up to at most its length.
+    spans = [e for e in profile.events if e["kind"] == "span" and e["node"] != "server"]
+    for handler in (e for e in spans if e["name"] == "handler"):
+        children = [e for e in spans if e["parent"] == "handler" and e["node"] == handler["node"]
+                    and e["round"] == handler["round"]]  # fmt: skip
+        assert {c["name"] for c in children} == {"model_load", "adapter_in", "data_load", "train", "adapter_out"}
+        assert sum(c["seconds"] for c in children) <= handler["seconds"]
+
+
+def test_profile_command_reads_the_run(quickstart_run, tmp_path):
+    result, run_dir = quickstart_run
+    report = profiled_run_report(result.run_id, run_dir, tmp_path)
+    assert report["run_dir"] == str(run_dir) and len(report["rounds"]) == ROUNDS and len(report["nodes"]) == 3

@@ -1,0 +1,244 @@
+"""The server's round loop against an in-process grid whose nodes run the real client handlers.
+
+The grid (testbed/grids.py) stands in for Flower's so that an error reply, a malformed update or a node that never
+answers can be produced deterministically; the real engines run in test_simulation.py and test_deployment.py.
+Nodes here hold known weights (aggregation-only runs of small full models, each node its own checkpoint),
+so every average can be checked against a hand computation, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowertune_llm.config import to_flat_dict
+from flowertune_llm.federated import protocol
+from flowertune_llm.federated.run_directory import RunDirectory
+from flowertune_llm.federated.strategy import RoundFailed, StreamingFedAvg
+from flowertune_llm.training import models
+from flowertune_llm.weights import disk
+from flowertune_llm.weights.disk import InsufficientDiskSpaceError
+from flowertune_llm.weights.exchange import Exchange
+from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
+from flowertune_llm.weights.shards import save_local_checkpoint
+from flowertune_llm.weights.tensors import specs_of
+from flowertune_llm.weights.transport import to_record
+from testbed.grids import Behaviour, InProcessNode, ScriptedGrid, error_reply
+from testbed.reference import torch_weighted_mean
+
+from conftest import assert_bit_equal, files_of, make_config
+
+Misbehaviour = Callable[[InProcessNode], Behaviour]  # what a node does instead of (or around) the real handlers
+
+
+def fails_on(message_type: str) -> Misbehaviour:
+    def wrap(node: InProcessNode) -> Behaviour:
+        return lambda message: (
+            error_reply(message, "CUDA out of memory") if message.metadata.message_type == message_type else node(message)
+        )
+
+    return wrap
+
+
+def silent(node: InProcessNode) -> Behaviour:
+    return lambda message: None
+
+
+def full_model(seed: int, dtype=torch.bfloat16, fill: float | None = None) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (64, 16), "layers.0.proj.weight": (32, 16), "layers.0.norm.weight": (16,),
+              "layers.1.proj.weight": (32, 16), "head.weight": (64, 16)}  # fmt: skip
+    return {
+        name: (torch.full(shape, fill) if fill is not None else torch.randn(shape, generator=generator)).to(dtype)
+        for name, shape in shapes.items()
+    }
+
+
+def full_weights_run(tmp_path, states, weights, behaviours=None, mode="layerwise", name="run", **overrides):
+    """An aggregation-only run of a small full model: node k holds ``states[k]`` with FedAvg weight ``weights[k]``."""
+    settings = {"num-server-rounds": 2, "train.save-every-round": 1, "strategy.fraction-train": 1.0,
+                "train.training-arguments.max-steps": 0, "aggregation.mode": mode,
+                "aggregation.max-message-mb": 1.5 / 1024}  # 1.5 KiB: several groups, and the embedding split  # fmt: skip
+    settings.update(overrides)
+    config = make_config(**settings)
+    nodes = {}
+    for k, (state, weight) in enumerate(zip(states, weights), start=1):
+        model_dir = save_local_checkpoint(state, tmp_path / "models" / f"node-{k}")
+        node_config = {"model-path": str(model_dir), "aggregation-weight": weight, "state-dir": str(tmp_path / "nodes")}
+        nodes[k] = InProcessNode(to_flat_dict(config), k, node_config)
+    exchange = Exchange.for_full_model(config, specs_of(states[0]), {"config.json": b"{}"})
+    run_dir = RunDirectory.create(tmp_path / name, 7, {})
+    strategy = StreamingFedAvg(config, run_dir, exchange)
+    grid = ScriptedGrid({k: (behaviours or {}).get(k, lambda n: n)(node) for k, node in nodes.items()})
+    final = strategy.run(grid, None)
+    return strategy, grid, final, run_dir
+
+
+def group_of(message) -> int:
+    return protocol.ReceiveIns.from_content(message.content).group.index
+
+
+def read(checkpoint) -> dict[str, torch.Tensor]:
+    with LocalCheckpoint(checkpoint) as loaded:
+        return {name: loaded.tensor(name).clone() for name in loaded.specs}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layerwise_equals_all_at_once_and_the_exact_weighted_mean(tmp_path, dtype):
+    states = [full_model(seed, dtype) for seed in range(3)]
+    weights = [4.0, 1.0, 9.0]
+    layer, grid, layer_final, _ = full_weights_run(tmp_path, states, weights, name="layerwise")
+    whole, _, whole_final, _ = full_weights_run(tmp_path, states, weights, mode="all_at_once", name="whole")
+    assert layer.history[0].groups > 3 and whole.history[0].groups == 1
+    expected = torch_weighted_mean(states, weights)
+    assert_bit_equal(read(layer_final), expected)
+    assert files_of(layer_final) == files_of(whole_final)
+    # Round 1 sends nothing down (the nodes hold the model); round 2 sends the mean down group by group.
+    first, second = layer.history
+    assert first.bytes_down == 0 and second.bytes_down == first.bytes_up > 0
+    assert grid.sent[0].metadata.message_type == protocol.TRAIN
+    assert {m.metadata.message_type for m in grid.sent} == {protocol.TRAIN, protocol.SEND, protocol.RECEIVE}
+    assert first.aggregated == [1, 2, 3] and first.failures == {}
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_group_messages_go_a_window_ahead_and_change_no_bit(tmp_path, window):
+    states = [full_model(seed) for seed in range(3)]
+    strategy, grid, final, _ = full_weights_run(tmp_path, states, [2, 1, 1], **{"aggregation.window": window})
+    assert strategy.history[0].groups > window + 1
+    # Replies wait in the grid (the SuperLink) for the server to pull them group by group: a window per node.
+    assert grid.most_waiting[protocol.RECEIVE] == grid.most_waiting[protocol.SEND] == 3 * window
+    assert_bit_equal(read(final), torch_weighted_mean(states, [2, 1, 1]))
+
+
+def test_a_node_silent_within_the_window_is_waited_for_once(tmp_path):
+    def silent_after_the_first_group_down(node: InProcessNode) -> Behaviour:
+        return lambda m: None if m.metadata.message_type == protocol.RECEIVE and group_of(m) > 0 else node(m)
+
+    states = [full_model(seed) for seed in range(3)]
+    strategy, grid, final, _ = full_weights_run(
+        tmp_path, states, [1, 1, 1], {3: silent_after_the_first_group_down},
+        **{"aggregation.window": 3, "strategy.round-timeout": 0.3},
+    )  # fmt: skip
+    assert "group 2 down: no reply" in strategy.history[1].failures["3"]
+    to_node_3 = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == protocol.RECEIVE]
+    assert [group_of(m) for m in to_node_3] == [0, 1, 2, 3]  # group 1 alone, then 3 in flight
+    assert [m.metadata.message_id in grid.asked for m in to_node_3] == [True, True, False, False]
+    # Round 2 averages the round-1 mean of all three, which nodes 1 and 2 received whole.
+    assert strategy.history[1].aggregated == [1, 2]
+    assert_bit_equal(read(final), torch_weighted_mean(states, [1, 1, 1]))
+
+
+def test_bytes_are_counted_per_message_each_way(tmp_path):
+    states = [full_model(seed) for seed in range(2)]
+    strategy, grid, _, _ = full_weights_run(tmp_path, states, [1, 1])
+    down = sum(r.count_bytes() for r in (protocol.arrays_of(m.content) for m in grid.sent) if r is not None)
+    assert sum(r.bytes_down for r in strategy.history) == down
+    payload = to_record(states[0]).count_bytes()  # the pieces' keys and headers differ from the whole tensors'
+    assert strategy.history[0].bytes_up == pytest.approx(2 * payload, rel=0.2)
+    assert strategy.total_bytes == sum(r.bytes_down + r.bytes_up for r in strategy.history)
+
+
+def test_failed_malformed_and_silent_nodes_are_named_and_left_out(tmp_path, caplog):
+    states = [full_model(seed) for seed in range(6)]
+    # Node k holds states[k - 1].
+    states[4] = {**states[4], "head.weight": torch.zeros(64, 8, dtype=torch.bfloat16)}
+    states[5] = {**states[5], "layers.1.proj.weight": torch.full((32, 16), math.nan, dtype=torch.bfloat16)}
+    behaviours = {3: fails_on(protocol.TRAIN), 4: silent}
+    strategy, _, final, _ = full_weights_run(
+        tmp_path, states, [1] * 6, behaviours, **{"num-server-rounds": 1, "strategy.round-timeout": 0.5}
+    )
+    record = strategy.history[0]
+    assert record.aggregated == [1, 2]
+    assert "CUDA out of memory" in record.failures["3"]
+    assert "no reply within strategy.round-timeout=0.5s" in record.failures["4"]
+    assert "head.weight is bfloat16[64, 8], expected bfloat16[64, 16]" in record.failures["5"]
+    assert "layers.1.proj.weight" in record.failures["6"] and "NaN or Inf" in record.failures["6"]
+    assert record.restarts == 1  # node 6 failed after its first group was folded
+    assert_bit_equal(read(final), torch_weighted_mean(states[:2], [1, 1]))
+    for node in (3, 4, 5, 6):
+        assert f"node {node} left out" in caplog.text
+
+
+def test_a_node_failing_while_the_model_goes_down_is_left_out_before_training(tmp_path):
+    states = [full_model(seed) for seed in range(3)]
+    strategy, grid, final, _ = full_weights_run(tmp_path, states, [1, 1, 1], {3: fails_on(protocol.RECEIVE)})
+    assert "group 1 down" in strategy.history[1].failures["3"]
+    assert strategy.history[1].aggregated == [1, 2]
+
+
+def test_too_few_usable_updates_stop_the_run_and_leave_no_checkpoint(tmp_path):
+    states = [full_model(seed) for seed in range(2)]
+    with pytest.raises(RoundFailed, match="1 usable update\\(s\\), fewer than strategy.min-train-nodes=2"):
+        full_weights_run(tmp_path, states, [1, 1], {2: fails_on(protocol.TRAIN)})
+    assert not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+def test_not_enough_disk_is_reported_before_anything_is_sent(tmp_path, monkeypatch):
+    states = [full_model(seed) for seed in range(2)]
+    real = disk.shutil.disk_usage
+    # Only the server's output directory is short of space.
+    monkeypatch.setattr(
+        disk.shutil, "disk_usage",
+        lambda path: real(path)._replace(free=1000) if (tmp_path / "run") in (Path(path), *Path(path).parents) else real(path),
+    )  # fmt: skip
+    grids = []
+    monkeypatch.setattr(ScriptedGrid, "push_messages", lambda self, m: grids.append(m) or [])
+    with pytest.raises(InsufficientDiskSpaceError, match="round-1 checkpoint"):
+        full_weights_run(tmp_path, states, [1, 1])
+    assert grids == []
+
+
+def test_sampling_takes_the_fraction_but_at_least_the_minimum(tmp_path):
+    states = [full_model(seed) for seed in range(20)]
+    strategy, _, _, _ = full_weights_run(
+        tmp_path, states, [1] * 20, **{"strategy.fraction-train": 0.25, "strategy.min-train-nodes": 2}
+    )
+    assert [len(r.nodes) for r in strategy.history] == [5, 5]
+
+
+def test_checkpoints_every_n_rounds_and_after_the_last(tmp_path):
+    states = [full_model(seed) for seed in range(2)]
+    _, _, final, run_dir = full_weights_run(
+        tmp_path, states, [1, 1], **{"num-server-rounds": 5, "train.save-every-round": 2}
+    )
+    saved = sorted(p.name for p in (run_dir.path / "checkpoints").iterdir())
+    assert saved == ["round-2", "round-4", "round-5"] and final.name == "round-5"
+    history = json.loads((run_dir.path / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5] and all(r["train_loss"] is None for r in history)
+
+
+def adapter_run(tmp_path, mode):
+    config = make_config(**{"num-server-rounds": 2, "train.save-every-round": 1, "strategy.fraction-train": 1.0,
+                            "aggregation.mode": mode, "aggregation.max-message-mb": 2 / 1024})  # fmt: skip
+    torch.manual_seed(0)  # the initial adapter (LoRA A is random)
+    state = models.get_adapter_state(models.build_peft_model(config.model))
+    exchange = Exchange.for_adapter(config, specs_of(state), models.lora_config(config.model))
+    run_dir = RunDirectory.create(tmp_path / mode, 7, {})
+    nodes = {k: InProcessNode(to_flat_dict(config), k, {"partition-id": k - 1, "num-partitions": 4, "state-dir": str(tmp_path / mode)})
+             for k in (1, 2)}  # fmt: skip
+    grid = ScriptedGrid(nodes)
+    strategy = StreamingFedAvg(config, run_dir, exchange)
+    final = strategy.run(grid, exchange.write(run_dir.checkpoint_dir(0), state))
+    return config, strategy, grid, state, final
+
+
+def test_adapter_rounds_train_and_both_modes_write_the_same_peft_adapter(tmp_path):
+    config, layer, grid, state, layer_final = adapter_run(tmp_path, "layerwise")
+    _, whole, _, _, whole_final = adapter_run(tmp_path, "all_at_once")
+    assert layer.history[0].groups > 1 and whole.history[0].groups == 1
+    assert sorted(p.name for p in layer_final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(r.train_loss > 0 and r.aggregated == [1, 2] for r in layer.history)
+    assert [r.train_loss for r in layer.history] == [r.train_loss for r in whole.history]
+    assert files_of(layer_final) == files_of(whole_final)
+    lr = [protocol.TrainIns.from_content(m.content).learning_rate for m in grid.sent if m.metadata.message_type == protocol.TRAIN]
+    assert lr[0] == pytest.approx(config.train.learning_rate_max)
+    assert lr[-1] == pytest.approx(config.train.learning_rate_min)
+    trained = read(layer_final)
+    assert trained.keys() == state.keys() and any(not torch.equal(trained[k], state[k]) for k in state)
+    assert not layer_final.with_name("round-0").exists()  # the initial adapter was scratch

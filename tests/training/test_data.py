@@ -1,0 +1,150 @@
+"""Formatters follow the leaderboard protocol; local files load and partition; bad data names what is missing."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError
+from flowertune_llm.training.data import check_local_dataset, format_dataset, load_node_dataset, load_partition
+from flowertune_llm.training.templates import ALPACA_PREAMBLE
+
+# One record shaped like each challenge's training set (same columns, similar content, our own words).
+ALPACA_GPT4 = {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color.", "text": "..."}
+FINGPT = {
+    "input": "Shares of the company rose 5% after strong earnings.",
+    "output": "positive",
+    "instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.",
+}
+MEDICAL = {
+    "instruction": "Answer this question truthfully",
+    "input": "What does the liver produce to help digest fat?",
+    "output": "The liver produces bile.",
+}
+CODE = {"instruction": "Write a function that doubles a number.", "input": "x = 4", "output": "def double(x):\n    return 2 * x"}
+
+
+def _formatted(record, format_name):
+    return format_dataset(Dataset.from_list([record]), DatasetConfig("local.jsonl", format_name))[0]
+
+
+def _leaderboard_prompt(instruction):
+    return f"{ALPACA_PREAMBLE}\n### Instruction:\n{instruction}\n### Response:"
+
+
+def test_general_nlp_drops_the_input():
+    row = _formatted({**ALPACA_GPT4, "input": "ignored context"}, "general-nlp")
+    assert row == {"prompt": _leaderboard_prompt("Name a primary color."), "completion": " Red is a primary color."}
+
+
+def test_finance_appends_the_input_to_the_instruction():
+    row = _formatted(FINGPT, "finance")
+    assert row["prompt"] == _leaderboard_prompt(f"{FINGPT['instruction']} {FINGPT['input']}")
+    assert row["completion"] == " positive"
+
+
+def test_medical_uses_the_question_and_drops_the_constant_instruction():
+    row = _formatted(MEDICAL, "medical")
+    assert row["prompt"] == _leaderboard_prompt("What does the liver produce to help digest fat?")
+    assert "truthfully" not in row["prompt"]
+
+
+def test_code_appends_the_input_to_the_instruction():
+    row = _formatted(CODE, "code")
+    assert row["prompt"] == _leaderboard_prompt("Write a function that doubles a number. x = 4")
+    assert row["completion"] == " def double(x):\n    return 2 * x"
+
+
+def test_plain_alpaca_has_an_input_block_only_when_there_is_input():
+    with_input = _formatted(CODE, "alpaca")
+    assert "### Input:\nx = 4\n\n### Response:\n" in with_input["prompt"]
+    assert with_input["completion"] == CODE["output"]
+    without = _formatted(ALPACA_GPT4, "alpaca")
+    assert "### Input:" not in without["prompt"] and without["prompt"].endswith("### Response:\n")
+
+
+def test_only_prompt_and_completion_remain():
+    assert set(_formatted(ALPACA_GPT4, "general-nlp")) == {"prompt", "completion"}
+
+
+@pytest.mark.parametrize(
+    "record, format_name, missing",
+    [
+        ({"question": "q", "answer": "a"}, "general-nlp", "instruction, output"),
+        ({"instruction": "i", "output": "o"}, "finance", "input"),
+        ({"instruction": "i", "output": "o"}, "medical", "input"),
+        ({"prompt": "p", "output": "o"}, "code", "instruction, input"),
+    ],
+)
+def test_data_that_does_not_fit_the_format_names_the_missing_columns(record, format_name, missing):
+    with pytest.raises(ConfigError, match=f"needs columns {missing}, which the data lacks") as error:
+        _formatted(record, format_name)
+    assert error.value.key == "static.dataset.name"
+
+
+def _write(path, records):
+    dataset = Dataset.from_list(records)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif path.suffix == ".jsonl":
+        dataset.to_json(path, lines=True)
+    elif path.suffix == ".parquet":
+        dataset.to_parquet(path)
+    else:
+        dataset.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
+def test_local_files_are_partitioned_iid(tmp_path, suffix):
+    records = [{**CODE, "instruction": f"task {i}"} for i in range(10)]
+    path = tmp_path / f"code{suffix}"
+    _write(path, records)
+    config = DatasetConfig(str(path), "code")
+    check_local_dataset(config)
+    parts = [load_partition(config, i, 3) for i in range(3)]
+    assert sorted(len(p) for p in parts) == [3, 3, 4]
+    prompts = [row["prompt"] for part in parts for row in part]
+    assert len(set(prompts)) == 10  # disjoint and complete
+
+
+def test_local_file_with_missing_columns_fails_before_training(tmp_path):
+    path = tmp_path / "medical.jsonl"
+    _write(path, [{"question": "q", "output": "a"}])
+    with pytest.raises(ConfigError, match="format 'medical' needs columns input"):
+        check_local_dataset(DatasetConfig(str(path), "medical"))
+
+
+def test_missing_local_file_is_named(tmp_path):
+    path = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ConfigError, match=f"no such file: {path}"):
+        check_local_dataset(DatasetConfig(str(path), "alpaca"))
+
+
+def test_builtin_instructions_partition():
+    config = DatasetConfig("builtin:instructions", "alpaca")
+    check_local_dataset(config)
+    assert len(load_partition(config, 0, 2)) + len(load_partition(config, 1, 2)) == 700
+
+
+def test_a_node_trains_on_its_own_file_when_its_config_names_one(tmp_path):
+    path = tmp_path / "clinic.jsonl"
+    _write(path, [MEDICAL, {**MEDICAL, "input": "Where is bile stored?"}])
+    shared = DatasetConfig("builtin:instructions", "alpaca")
+    own = load_node_dataset(shared, NodeConfig.parse({"dataset-path": str(path), "dataset-format": "medical"}))
+    assert len(own) == 2 and "Where is bile stored?" in own[1]["prompt"]
+    # Without dataset-format the run's format applies; without dataset-path, the node's partition.
+    medical = DatasetConfig("builtin:instructions", "medical")
+    assert load_node_dataset(medical, NodeConfig.parse({"dataset-path": str(path)}))[0] == own[0]
+    assert len(load_node_dataset(shared, NodeConfig.parse({"partition-id": 0, "num-partitions": 7}))) == 100
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"dataset-path": "/nonexistent/clinic.jsonl"}, "dataset-path='/nonexistent/clinic.jsonl': no such file"),
+        ({"num-partitions": 2}, "lacks 'partition-id'"),
+    ],
+)
+def test_a_node_whose_data_cannot_be_found_names_the_key_and_path(node_config, message):
+    with pytest.raises(NodeConfigError, match=message):
+        load_node_dataset(DatasetConfig("builtin:instructions", "alpaca"), NodeConfig.parse(node_config))
