@@ -3,9 +3,9 @@
 A FlowerTune client round is: receive the global adapter, get a model and the node's data ready, run the
 recipe's optimizer steps, send the adapter back. Everything but the steps is overhead. This app keeps the
 base model, the formatted partition and the tokenized dataset in per-process caches
-(``models._cache``, ``data._partitions``, ``training._tokenized``); the upstream FlowerTune example instead
-reloads the model and tokenizer and re-partitions and re-tokenizes the data every round. This benchmark
-measures both, alternating round by round in one client process per model:
+(``training.models._cache``, ``training.data._partitions``, ``training.sft._tokenized``); the upstream
+FlowerTune example instead reloads the model and tokenizer and re-partitions and re-tokenizes the data
+every round. This benchmark measures both, alternating round by round in one client process per model:
 
 * The parent process plays the ServerApp: it builds the initial adapter as ``server_app.main`` does and
   encodes one train message per server round into Flower's wire format (the deflated object tree that
@@ -13,18 +13,19 @@ measures both, alternating round by round in one client process per model:
   same objects through Ray instead). It never runs a client round.
 * Each model gets a fresh spawned process, like a fresh simulation actor. There a client round is: inflate
   the incoming message, call the real ``ClientApp`` (``client_app.app``, which dispatches to the registered
-  ``train`` handler, which runs ``client_round.train`` in-process), deflate the reply.
-  Overhead = that wall time - the reply's ``step-seconds``.
+  ``train`` handler, which runs ``federated.client_round.train`` in-process), deflate the reply.
+  Overhead = that wall time - the reply's step seconds (``protocol.TrainRes.step_seconds``).
 * Mode ``cold``: the process's first round (every cache misses). Mode ``cache``: a later round, as the app
   runs. Mode ``reload``: a later round after emptying the caches that upstream does not have (see
   :data:`RELOAD_CLEARS`). Cache and reload rounds alternate (ABBA) so machine noise hits both alike.
 
 Usage (from the repository root)::
 
-    python bench/client_overhead.py [--rounds N] [--models builtin:tiny-llama builtin:small-llama]
+    python -m bench.client_overhead [--rounds N] [--models builtin:tiny-llama builtin:small-llama]
 
-Prints the results as JSON, writes them to ``bench/results/client_overhead.json`` and rewrites the
-results block of the "Client round overhead" section of ``bench/README.md``.
+Prints the results as JSON, writes them to ``bench/results/client_overhead/<models>-<N>rounds.json``
+(:mod:`testbed.results`) and rewrites the results block of the "Client round overhead" section of
+``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import datetime
 import gc
-import importlib.metadata
 import json
 import multiprocessing
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,23 +51,22 @@ from typing import Any, Iterator
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(tempfile.gettempdir()) / "flowertune-llm-cache"))
 
 import torch  # noqa: E402
-from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from flowertune_llm import client_app, data, models, training  # noqa: E402
+from bench import block_header  # noqa: E402
+from flowertune_llm import client_app  # noqa: E402
 from flowertune_llm.config import default_run_config, load_preset, parse_run_config  # noqa: E402
+from flowertune_llm.federated import protocol  # noqa: E402
+from flowertune_llm.training import data, models, sft  # noqa: E402
+from testbed import results  # noqa: E402
+from testbed.grids import train_content  # noqa: E402  (the server's train message, as the tests build it)
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-from conftest import train_content  # noqa: E402  (the server's train message, as the tests build it)
-RESULTS_PATH = BENCH_DIR / "results" / "client_overhead.json"
-README_PATH = BENCH_DIR / "README.md"
-SECTION_TITLE = "## Client round overhead"
-BLOCK_BEGIN, BLOCK_END = "<!-- client-overhead:begin -->", "<!-- client-overhead:end -->"
+BENCHMARK = "client_overhead"
+README_BLOCK = "client-overhead"
 
 PRESET = "quickstart"
 DEFAULT_MODELS = ("builtin:tiny-llama", "builtin:small-llama")
@@ -81,7 +76,7 @@ NODE_CONFIG: dict[str, bool | float | int | str] = {
     "partition-id": 0,
     "num-partitions": 2,
     # Train in the ClientApp's own process, as simulation actors do. Outside Ray the app would otherwise hand
-    # the round to the node's persistent worker (flowertune_llm/worker.py), another process whose caches
+    # the round to the node's persistent worker (flowertune_llm/deploy/worker.py), another process whose caches
     # this benchmark could neither time nor empty.
     "persistent-worker": False,
 }
@@ -90,9 +85,9 @@ TARGET_OVERHEAD_FRACTION = 0.10  # the issue's target for the cached round
 # What upstream FlowerTune redoes every round and this app caches. ``data._federated`` (the loaded
 # FederatedDataset) stays: upstream keeps it in a module global (``FDS``) too.
 RELOAD_CLEARS = {
-    "models._cache": "base model, PEFT wrapper and tokenizer (upstream: get_model + tokenizer per round)",
-    "data._partitions": "partition selection and prompt formatting (upstream: FDS.load_partition + rename)",
-    "training._tokenized": "TRL tokenization of the partition (upstream: SFTTrainer tokenizes each round)",
+    "training.models._cache": "base model, PEFT wrapper and tokenizer (upstream: get_model + tokenizer per round)",
+    "training.data._partitions": "partition selection and prompt formatting (upstream: FDS.load_partition + rename)",
+    "training.sft._tokenized": "TRL tokenization of the partition (upstream: SFTTrainer tokenizes each round)",
 }
 
 
@@ -142,7 +137,7 @@ class ServerSide:
 
     base_params: int
     adapter_params: int
-    wires: list[Wire]  # wires[i] carries server-round i + 1
+    wires: list[Wire]  # wires[i] carries server round i + 1
 
 
 def prepare_server_side(model_name: str, num_rounds: int) -> ServerSide:
@@ -160,7 +155,7 @@ def prepare_server_side(model_name: str, num_rounds: int) -> ServerSide:
         # The rate does not change what a round costs; the schedule's peak keeps every round alike.
         content = train_content(state, server_round, config.train.learning_rate_max)
         message = Message(
-            content, dst_node_id=CLIENT_NODE_ID, message_type=MessageType.TRAIN, ttl=config.strategy.round_timeout
+            content, dst_node_id=CLIENT_NODE_ID, message_type=protocol.TRAIN, ttl=config.strategy.round_timeout
         )
         wires.append(to_wire(message))
     return ServerSide(all_params - adapter_params, adapter_params, wires)
@@ -185,12 +180,12 @@ class Phases:
 def timed_phases() -> Iterator[Phases]:
     """Wrap the round's model, data and training calls with timers, without changing what they do.
 
-    ``client_round.train`` looks them up on their modules at call time, so replacing the module attributes
+    ``federated.client_round`` looks them up on their modules at call time, so replacing the module attributes
     is seen. Garbage collection is timed through ``gc.callbacks``, which the interpreter calls around every
     collection.
     """
     phases = Phases()
-    originals = models.cached_peft_model, data.load_node_dataset, training.train_round
+    originals = models.cached_peft_model, data.load_node_dataset, sft.train_round
     cached_peft_model, load_node_dataset, train_round = originals
     gc_started = 0.0
 
@@ -221,13 +216,13 @@ def timed_phases() -> Iterator[Phases]:
         else:
             phases.gc_s += time.perf_counter() - gc_started
 
-    models.cached_peft_model, data.load_node_dataset, training.train_round = timed_model, timed_data, timed_train
+    models.cached_peft_model, data.load_node_dataset, sft.train_round = timed_model, timed_data, timed_train
     gc.callbacks.append(timed_gc)
     try:
         yield phases
     finally:
         gc.callbacks.remove(timed_gc)
-        models.cached_peft_model, data.load_node_dataset, training.train_round = originals
+        models.cached_peft_model, data.load_node_dataset, sft.train_round = originals
 
 
 @dataclass(frozen=True)
@@ -239,7 +234,7 @@ class RoundSample:
     server_round: int
     model_cache_hit: bool
     round_s: float  # deserialize + handler + serialize
-    step_s: float  # the reply's step-seconds: forward, backward and update of every step
+    step_s: float  # the reply's step seconds: forward, backward and update of every step
     overhead_s: float  # round_s - step_s
     deserialize_s: float  # inflate the incoming message
     model_s: float  # models.cached_peft_model: load or look up base model, adapter, tokenizer
@@ -264,12 +259,14 @@ def client_round(model_name: str, mode: str, wire: Wire, context: Context) -> Ro
 
     if phases.train_round_s == 0.0:
         raise RuntimeError("the round trained outside this process; the timers and caches here saw none of it")
-    step_s = float(reply.content["metrics"]["step-seconds"])
+    step_s = protocol.TrainRes.from_content(reply.content).step_seconds
+    if step_s is None:
+        raise RuntimeError("the reply carries no step seconds: the round trained nothing")
     handler_s = replied - received
     return RoundSample(
         model=model_name,
         mode=mode,
-        server_round=int(message.content["config"]["server-round"]),
+        server_round=protocol.Header.from_content(message.content).server_round,
         model_cache_hit=phases.model_cache_hit,
         round_s=end - start,
         step_s=step_s,
@@ -289,7 +286,7 @@ def empty_caches_upstream_lacks() -> None:
     """Empty what upstream FlowerTune rebuilds every round (:data:`RELOAD_CLEARS`)."""
     models._cache.clear()
     data._partitions.clear()
-    training._tokenized.clear()
+    sft._tokenized.clear()
 
 
 def log_sample(sample: RoundSample) -> None:
@@ -405,46 +402,6 @@ def summarize(model_name: str, server: ServerSide, run: ClientRun) -> ModelResul
     )
 
 
-def cpu_model() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    return next(names, "unknown")
-
-
-def app_version() -> dict[str, Any]:
-    """The commit measured, and which of the app's files differed from it (the numbers describe those)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    changed = git("status", "--porcelain", "--", "flowertune_llm", "configs", "pyproject.toml").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "uncommitted": [c[3:] for c in changed]}
-
-
-def environment(command: str, load_before: tuple[float, ...]) -> dict[str, Any]:
-    packages = ("flwr", "torch", "transformers", "trl", "peft", "datasets")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # Other tenants' load makes step times noisy; the load averages tell how busy the machine was.
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "versions": {p: importlib.metadata.version(p) for p in packages},
-        "app": app_version(),
-    }
-
-
 def recipe_settings(model_names: list[str]) -> dict[str, Any]:
     config = parse_run_config(run_config_for(model_names[0]))
     args = config.train.training_arguments
@@ -457,6 +414,7 @@ def recipe_settings(model_names: list[str]) -> dict[str, Any]:
         "target_modules": config.model.lora.target_modules,
         "dtype": config.model.dtype,
         "dataset": config.dataset.name,
+        "torch_threads": torch.get_num_threads(),
         "node_config": NODE_CONFIG,
         "reload_clears": RELOAD_CLEARS,
     }
@@ -470,22 +428,18 @@ def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%"
 
 
-def results_block(report: dict[str, Any], results: list[ModelResult]) -> str:
-    env, settings = report["environment"], report["settings"]
-    app = f"commit {env['app']['commit']}"
-    if env["app"]["uncommitted"]:
-        app += f" plus uncommitted changes to {', '.join(env['app']['uncommitted'])}"
-    lines = [
-        f"Measured {env['date']} on {env['cpu']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads, "
-        f"GPU: {env['gpu'] or 'none'}), shared with other jobs: load average {env['load_average_before'][0]} "
-        f"before, {env['load_average_after'][0]} after. Recipe `{settings['preset']}`: {settings['max_steps']} steps, "
+def results_block(report: dict[str, Any], models: list[ModelResult], results_file: str) -> str:
+    meta, settings = report["meta"], report["settings"]
+    machine, load = meta["machine"], meta["load"]
+    measured_on = (
+        f"{machine['cpu']} ({machine['cores']} cores, {settings['torch_threads']} torch threads, GPU: "
+        f"{machine['gpu'] or 'none'}), shared with other jobs: load average {load['before'][0]} before, "
+        f"{load['after'][0]} after. Recipe `{settings['preset']}`: {settings['max_steps']} steps, "
         f"batch {settings['per_device_train_batch_size']}, seq-length {settings['seq_length']}, "
-        f"LoRA r={settings['lora_r']} on all linear layers, {settings['dtype']}. App at {app}.",
-        "",
-        "```",
-        env["command"],
-        "```",
-        "",
+        f"LoRA r={settings['lora_r']} on all linear layers, {settings['dtype']}"
+    )
+    lines = [
+        *block_header(meta, measured_on, results_file),
         "Medians over rounds. Overhead = round − optimizer steps. \"% at fastest steps\" = median overhead / "
         "(median overhead + the fastest steps seen for that model): what the share would be without other jobs "
         "slowing the steps down. Ratio = reload overhead / cache overhead.",
@@ -494,7 +448,7 @@ def results_block(report: dict[str, Any], results: list[ModelResult]) -> str:
         "| overhead % at fastest steps | ratio reload/cache |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in models:
         params = f"{fmt_params(r.base_params)} + {fmt_params(r.adapter_params)}"
         rows = [("cache", r.cache), ("reload", r.reload), ("cold (1st round)", asdict(r.cold) | {"rounds": 1})]
         for mode, m in rows:
@@ -513,18 +467,18 @@ def results_block(report: dict[str, Any], results: list[ModelResult]) -> str:
         "| GC |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in models:
         for mode, m in (("cold", asdict(r.cold)), ("cache", r.cache), ("reload", r.reload)):
             lines.append(f"| {r.model} | {mode} | " + " | ".join(f"{m[k]:.3f}" for k in BREAKDOWN) + " |")
     lines += ["", "Fixed per-process cost, paid once by a fresh client process before its first round:", ""]
-    for r in results:
+    for r in models:
         lines.append(
             f"- {r.model}: {r.process_ready_s:.1f} s from spawn to ready (interpreter start and imports); "
             f"train message {r.message_bytes_down / 1024:.0f} KiB on the wire."
         )
     target = f"{TARGET_OVERHEAD_FRACTION:.0%}"
     lines += ["", f"Target: with the cache, overhead < {target} of the round (judged at fastest steps):", ""]
-    for r in results:
+    for r in models:
         verdict = "**met**" if r.target_met else "**not met**"
         lines.append(
             f"- {r.model}: {100 * r.cache_overhead_fraction_fastest:.1f}% at fastest steps "
@@ -535,37 +489,11 @@ def results_block(report: dict[str, Any], results: list[ModelResult]) -> str:
     return "\n".join(lines)
 
 
-README_HEADER = """# Benchmarks
-
-One `##` section per benchmark: what it measures, how to run it, and its latest results. The block between
-a section's `<!-- …:begin -->` and `<!-- …:end -->` markers is rewritten by that benchmark's script; the
-rest is written by hand. Raw results are JSON files under `results/`.
-"""
-
-SECTION_STUB = f"""{SECTION_TITLE}
-
-Run `python bench/client_overhead.py`; see the script's docstring for the method.
-
-{BLOCK_BEGIN}
-{BLOCK_END}
-"""
-
-
-def update_readme(block: str) -> None:
-    """Rewrite this benchmark's results block, leaving every other section and the prose untouched."""
-    text = README_PATH.read_text() if README_PATH.exists() else README_HEADER
-    if BLOCK_BEGIN not in text:
-        text = text.rstrip("\n") + "\n\n" + SECTION_STUB
-    head, rest = text.split(BLOCK_BEGIN, 1)
-    _, tail = rest.split(BLOCK_END, 1)
-    README_PATH.write_text(f"{head}{BLOCK_BEGIN}\n{block}\n{BLOCK_END}{tail}")
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6, help="cache rounds and reload rounds per model (default 6)")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="model names (run-config model.name)")
     args = parser.parse_args()
@@ -574,12 +502,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def variant(model_names: list[str], rounds: int) -> str:
+    """``tiny-llama-and-small-llama-6rounds``: the models (last part of each name) and the rounds per mode."""
+    return "-and-".join(Path(name.split(":")[-1]).name for name in model_names) + f"-{rounds}rounds"
+
+
 def main() -> None:
     args = parse_args()
-    command = shlex.join(["python", str(Path(__file__).resolve().relative_to(REPO_ROOT)), *sys.argv[1:]])
-    load_before = os.getloadavg()
+    load_before = results.load()
 
-    results = []
+    measured = []
     for model_name in args.models:
         # One cold round plus one cache and one reload round per pair; each pair shares a server round.
         server = prepare_server_side(model_name, num_rounds=args.rounds + 1)
@@ -587,18 +519,17 @@ def main() -> None:
         # A fresh process per model, so each model's first round is a true cold start, as in a new actor.
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             run = client.submit(run_client_process, model_name, server.wires, spawned_at).result()
-        results.append(summarize(model_name, server, run))
+        measured.append(summarize(model_name, server, run))
 
-    report = {
-        "benchmark": "client_overhead",
-        "environment": environment(command, load_before),
+    payload = {
         "settings": recipe_settings(args.models),
         "target_overhead_fraction": TARGET_OVERHEAD_FRACTION,
-        "models": [asdict(r) for r in results],
+        "models": [asdict(r) for r in measured],
     }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(report, indent=2) + "\n")
-    update_readme(results_block(report, results))
+    path = results.write(BENCHMARK, variant(args.models, args.rounds), payload, load_before)
+    report = json.loads(path.read_text())
+    raw = str(path.relative_to(results.README.parent))
+    results.rewrite_readme_block(README_BLOCK, results_block(report, measured, raw))
     print(json.dumps(report, indent=2))
 
 

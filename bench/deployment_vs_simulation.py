@@ -4,9 +4,9 @@ The quickstart preset (``builtin:tiny-llama``, LoRA r=8, 10 steps of batch 8) on
 default), each engine running every node's ClientApps side by side on this machine (``--nodes 1`` measures
 a client's round as on its own machine: no other node's training or process start on the same cores):
 
-* deployment: :class:`flowertune_llm.federation.LocalFederation` (SuperLink + N SuperNodes on 127.0.0.1,
-  TLS and SuperNode authentication). Every train message starts a fresh ``flwr-clientapp`` process.
-* simulation: ``flower-superlink --simulation`` via ``tests/flower_harness.py``, ``num-supernodes=N
+* deployment: :class:`flowertune_llm.deploy.federation.LocalFederation` (SuperLink + N SuperNodes on
+  127.0.0.1, TLS and SuperNode authentication). Every train message starts a fresh ``flwr-clientapp`` process.
+* simulation: ``flower-superlink --simulation`` via :mod:`testbed.flower`, ``num-supernodes=N
   client-resources-num-cpus=cores//N`` (Ray actors that live for the whole run; Ray sets each actor's
   ``OMP_NUM_THREADS`` to its CPUs). The launcher gives each SuperNode cores // N threads the same way
   (``split``); ``all`` leaves torch its default, one thread per core in every ClientApp.
@@ -28,27 +28,26 @@ Per node and round (t0 = the ServerApp pushed the message, t_end = the ServerApp
   deployment: poll wait (t0 → Receiving) | download (→ Received) | launch (→ process created: SuperExec's
   task poll + fork) | interpreter + flwr import (→ "Start flwr-clientapp") | handshake + app import (→
   handler starts: Runtime API calls, FAB install on a node's first message, `import flowertune_llm...`)
-  | worker connect (since the persistent worker, worker.py: reaching the node's worker, starting it on the
+  | worker connect (since the persistent worker, deploy/worker.py: reaching the node's worker, starting it on the
   node's first round) | model load | data load + tokenize | optimizer steps | other handler work |
   reply to SuperNode (handler end → Sending) | upload (→ Sent) | server pull (→ t_end)
   simulation: dispatch (t0 → handler starts) | the same handler parts | reply (handler end → t_end)
 
 Usage (from the repository root)::
 
-    python bench/deployment_vs_simulation.py [--rounds 4] [--deployments default/split 0.1/split [default/all]]
-                                             [--skip-simulation]
+    python -m bench.deployment_vs_simulation [--rounds 4] [--deployments default/split 0.1/split [default/all]]
+                                             [--skip-simulation] [--nodes 2] [--model builtin:tiny-llama]
 
-Prints JSON and writes ``bench/results/deployment_vs_simulation.json`` (with the app's git commit).
+Prints JSON and writes ``bench/results/deployment_vs_simulation/<model>-<N>node(s).json`` through
+:mod:`testbed.results` (``quickstart`` for the preset's own ``builtin:tiny-llama``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -61,14 +60,12 @@ from typing import Any
 
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(tempfile.gettempdir()) / "flowertune-llm-cache"))
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_PATH = BENCH_DIR / "results" / "deployment_vs_simulation.json"
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the simulation harness the tests use
+from flowertune_llm.deploy.federation import LocalFederation
+from testbed import results
+from testbed.flower import federation_link, simulation_superlink
 
-from flower_harness import SuperLinkHandle, simulation_superlink
-
-from flowertune_llm.federation import LocalFederation
+BENCHMARK = "deployment_vs_simulation"
+REPO_ROOT = results.ROOT
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STAMPED = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s*:\s*(.*)$")
@@ -170,8 +167,8 @@ def node_rounds(events: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str,
 def components(row: dict[str, float], deployment: bool) -> dict[str, float]:
     handler_start, handler_end = row["handler_start"], row["handler_start"] + row["handler"]
     inside = {
-        # Deployment since the persistent worker (worker.py): the ClientApp connects to its node's worker, starting
-        # it (imports, model load) on the node's first round; the worker's spans come back inside the handler.
+        # Deployment since the persistent worker (deploy/worker.py): the ClientApp connects to its node's worker,
+        # starting it (imports, model load) on the node's first round; the worker's spans come back inside the handler.
         "worker_connect": row.get("worker_connect", 0.0),
         "model_load": row["model_load"],
         "data_load_tokenize": row["data_load"] + row["tokenize"],
@@ -296,10 +293,7 @@ def run_deployment(rounds: int, variant: str, model: str, nodes: int) -> dict[st
             federation_up = time.time() - started
             watcher = ClientAppWatcher()
             watcher.start()
-            link = SuperLinkHandle(
-                federation.cli_env, federation.connection, federation.address, federation.superlink_log,
-                federation.superlink_dir, federation.superlink.pid, federation.tracker,
-            )  # fmt: skip
+            link = federation_link(federation)
             submitted = time.time()
             result = link.run_app(REPO_ROOT, run_config=run_config(output_dir, rounds, model, nodes), timeout=1200)
             finished = time.time()
@@ -382,39 +376,14 @@ def import_seconds(repeats: int = 3) -> dict[str, float]:
     }
 
 
-def app_commit() -> str:
-    """HEAD of the repository, marked ``+dirty`` when the app's code differs from it (the FAB is the working tree)."""
-    git = ["git", "-C", str(REPO_ROOT)]
-    head = subprocess.run(
-        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "flowertune_llm"], capture_output=True, text=True, check=False
-    ).stdout
-    return head + ("+dirty" if dirty.strip() else "")
-
-
-def machine() -> dict[str, Any]:
-    import importlib.metadata
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "flwr": importlib.metadata.version("flwr"),
-        "torch": torch.__version__,
-    }
+def results_variant(model: str, nodes: int) -> str:
+    """``quickstart-2nodes``, ``small-llama-1node``: the model (``quickstart`` for the preset's own) and the nodes."""
+    label = "quickstart" if model == "builtin:tiny-llama" else Path(model.split(":")[-1]).name
+    return f"{label}-{nodes}node{'' if nodes == 1 else 's'}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
         "--deployments",
@@ -433,34 +402,23 @@ def main() -> None:
         "--model", default="builtin:tiny-llama", help="e.g. builtin:small-llama (10.6M), where steps weigh more"
     )
     args = parser.parse_args()
-    results_path = RESULTS_PATH.with_name(
-        RESULTS_PATH.stem
-        + ("" if args.model == "builtin:tiny-llama" else f"_{args.model.split(':')[-1]}")
-        + ("" if args.nodes == 2 else f"_{args.nodes}node")
-        + ".json"
-    )
 
-    results: dict[str, Any] = {
-        "benchmark": "deployment_vs_simulation",
-        "app_commit": app_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
-        "load_average_before": os.getloadavg(),
-        "config": {"preset": "quickstart", "model": args.model, "rounds": args.rounds, "nodes": args.nodes, "profile.enabled": True},
+    load_before = results.load()
+    payload: dict[str, Any] = {
+        "config": {"preset": "quickstart", "model": args.model, "rounds": args.rounds, "nodes": args.nodes,
+                   "profile.enabled": True},  # fmt: skip
         "imports_idle": import_seconds(),
         "runs": [],
     }
-    for variant in args.deployments:
-        print(f"deployment {variant} ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_deployment(args.rounds, variant, args.model, args.nodes))
+    for deployment in args.deployments:
+        print(f"deployment {deployment} ...", file=sys.stderr, flush=True)
+        payload["runs"].append(run_deployment(args.rounds, deployment, args.model, args.nodes))
     if not args.skip_simulation:
         print("simulation ...", file=sys.stderr, flush=True)
-        results["runs"].append(run_simulation(args.rounds, args.model, args.nodes))
-    results["target_excluding_polling"] = target(results["runs"])
-    results["load_average_after"] = os.getloadavg()
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+        payload["runs"].append(run_simulation(args.rounds, args.model, args.nodes))
+    payload["target_excluding_polling"] = target(payload["runs"])
+    path = results.write(BENCHMARK, results_variant(args.model, args.nodes), payload, load_before)
+    print(path.read_text())
 
 
 if __name__ == "__main__":

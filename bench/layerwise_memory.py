@@ -1,11 +1,11 @@
 """The memory experiment: server and client peak memory of layer-wise vs all-at-once FedAvg, against k and N.
 
-Synthetic Llama-3.1-70B-shaped models (bench/synthetic_llama.py: hidden 8192, intermediate 28672, 64 heads,
+Synthetic Llama-3.1-70B-shaped models (testbed/synthetic_llama.py: hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256, random bf16) with k decoder layers are averaged in aggregation-only rounds
 (``max-steps=0``, full weights) by the app's own round loop (``StreamingFedAvg``) and the app's own client
-handlers (``client_round.handle``), each client in its own process. The grid between them
-(``process_grid.py``) passes Flower ``Message`` contents over pipes, so what is measured is the app, not
-Flower's transport (the SuperLink's message buffers are not in these figures).
+handlers (``federated.client_round.handle``), each client in its own process. The grid between them
+(:class:`testbed.grids.ProcessGrid`) passes Flower ``Message`` contents over pipes, so what is measured is the
+app, not Flower's transport (the SuperLink's message buffers are not in these figures).
 
 Every configuration runs in a fresh server process (``--one``), so peaks do not carry over. Recorded per
 process: ``VmHWM`` (peak resident set, file pages included) and the peak of anonymous memory (``RssAnon``,
@@ -15,15 +15,18 @@ Client models: ``--distinct`` models are built once at the largest k (seeds 0..d
 model i mod distinct); smaller k are views (symlinked shards, an index listing a subset of tensors).
 
 The throughput target compares the layer-wise round's bytes per second (client bytes averaged / round
-seconds) with a plain in-memory NumPy weighted mean (bench/numpy_mean.py) of one decoder layer from N
-clients, measured in the same run.
+seconds) with a plain in-memory NumPy weighted mean (``testbed.reference.weighted_mean``) of one decoder
+layer from N clients, measured in the same run.
 
 Usage (from the repository root)::
 
-    python bench/layerwise_memory.py --work /var/tmp/lw --layers 1 2 4 --clients 2 4 \\
-        --compare-vocab 8192 --compare-layers 1 --out bench/results/layerwise_memory.json
+    python -m bench.layerwise_memory --work /var/tmp/lw --layers 1 2 4 --clients 2 4 \\
+        --compare-vocab 8192 --compare-layers 1
+    python -m bench.layerwise_memory --replot    # no runs: merge the sweep rows, recompute, redraw
 
-Prints JSON; with ``--out`` writes it there and a plot beside it (``.png``).
+Prints JSON and writes it through :mod:`testbed.results` to
+``bench/results/layerwise_memory/llama70b-k<K...>-n<N...>-<MiB>mib.json`` with the plot beside it (``.png``);
+``--replot`` also reads the sweep's rows beside it (``...-sweep.jsonl``).
 """
 
 from __future__ import annotations
@@ -31,16 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+from testbed import results as bench_results
+
+BENCHMARK = "layerwise_memory"
 LLAMA_70B_LAYERS = 80
-sys.path.insert(0, str(BENCH))
 
 
 def _layer_names(specs, layers: int) -> list[str]:
@@ -54,7 +57,8 @@ def _layer_names(specs, layers: int) -> list[str]:
 
 def model_view(full: Path, layers: int, out: Path) -> Path:
     """``full`` restricted to its first ``layers`` decoder layers, without copying a byte of weights."""
-    from flowertune_llm.shards import INDEX_NAME, LocalCheckpoint
+    from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
+    from flowertune_llm.weights.shards import INDEX_NAME
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = LocalCheckpoint(full)
@@ -63,7 +67,10 @@ def model_view(full: Path, layers: int, out: Path) -> Path:
         link = out / file.name
         if not link.exists():
             link.symlink_to(file)
-    file_of = {name: checkpoint.file_of(name).name for name in names}
+    index = full / INDEX_NAME
+    weight_map = (json.loads(index.read_text())["weight_map"] if index.exists()
+                  else dict.fromkeys(checkpoint.specs, checkpoint.files[0].name))  # fmt: skip
+    file_of = {name: weight_map[name] for name in names}
     total = sum(checkpoint.specs[n].nbytes for n in names)
     (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": file_of}))
     config = json.loads((full / "config.json").read_text())
@@ -73,7 +80,7 @@ def model_view(full: Path, layers: int, out: Path) -> Path:
 
 
 def build_models(work: Path, layers: int, distinct: int, vocab: int | None) -> list[Path]:
-    import synthetic_llama
+    from testbed import synthetic_llama
 
     models = []
     for seed in range(distinct):
@@ -90,13 +97,12 @@ def build_models(work: Path, layers: int, distinct: int, vocab: int | None) -> l
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    from process_grid import ProcessGrid, memory_sampler
-
-    from flowertune_llm import models
-    from flowertune_llm.checkpoint import RunDirectory
     from flowertune_llm.config import default_run_config, parse_run_config
-    from flowertune_llm.exchange import Exchange
-    from flowertune_llm.strategy import StreamingFedAvg
+    from flowertune_llm.federated.run_directory import RunDirectory
+    from flowertune_llm.federated.strategy import StreamingFedAvg
+    from flowertune_llm.training import models
+    from flowertune_llm.weights.exchange import Exchange
+    from testbed.grids import ProcessGrid, memory_sampler
 
     sampler = memory_sampler()
     base = sampler.snapshot()
@@ -146,10 +152,10 @@ def run_one(args: argparse.Namespace) -> dict:
 def numpy_baseline(model: Path, clients: int, repeats: int = 2) -> dict:
     """A plain NumPy weighted mean of decoder layer 0 from ``clients`` in-memory copies (distinct values)."""
     import numpy as np
-    import numpy_mean
     import torch
 
-    from flowertune_llm.shards import LocalCheckpoint
+    from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
+    from testbed.reference import weighted_mean
 
     with LocalCheckpoint(model) as checkpoint:
         names = [n for n in checkpoint.specs if ".layers.0." in n]
@@ -159,7 +165,7 @@ def numpy_baseline(model: Path, clients: int, repeats: int = 2) -> dict:
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        numpy_mean.weighted_mean(states, [1.0 + i for i in range(clients)], bf16=True)
+        weighted_mean(states, [1.0 + i for i in range(clients)], bf16=True)
         best = min(best, time.perf_counter() - start)
     return {"clients": clients, "bytes": nbytes, "seconds": round(best, 3), "gb_per_s": round(nbytes / best / 1e9, 3)}
 
@@ -168,7 +174,7 @@ def numpy_baseline(model: Path, clients: int, repeats: int = 2) -> dict:
 
 
 def sweep(args: argparse.Namespace) -> dict:
-    results = {"machine": _machine(), "max_message_mb": args.max_message_mb, "runs": [], "numpy": []}
+    results = {"ram_gb": _ram_gb(), "max_message_mb": args.max_message_mb, "runs": [], "numpy": []}
     plan = [("layerwise", n, k, None) for n in args.clients for k in args.layers]
     plan += [(mode, n, k, args.compare_vocab) for mode in ("layerwise", "all_at_once")
              for n in args.compare_clients for k in args.compare_layers]  # fmt: skip
@@ -177,11 +183,12 @@ def sweep(args: argparse.Namespace) -> dict:
         full_models = build_models(args.work, top, args.distinct, vocab)
         views = [model_view(m, layers, args.work / "views" / f"v{vocab or 'full'}-k{layers}" / m.name)
                  for m in full_models]  # fmt: skip
-        command = [sys.executable, __file__, "--one", "--mode", mode, "--clients", str(clients), "--layers",
-                   str(layers), "--max-message-mb", str(args.max_message_mb), "--run-root", str(args.work / "runs"),
-                   "--models", *map(str, views)] + (["--vocab", str(vocab)] if vocab else [])  # fmt: skip
+        command = [sys.executable, "-m", f"bench.{BENCHMARK}", "--one", "--mode", mode, "--clients", str(clients),
+                   "--layers", str(layers), "--max-message-mb", str(args.max_message_mb),
+                   "--run-root", str(args.work / "runs"), "--models", *map(str, views),
+                   *(["--vocab", str(vocab)] if vocab else [])]  # fmt: skip
         print(f"running {mode} N={clients} k={layers} vocab={vocab or 128256}", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=bench_results.ROOT)
         if done.returncode != 0:
             results["runs"].append({"mode": mode, "clients": clients, "layers": layers, "vocab": vocab or 128256,
                                     "error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]})  # fmt: skip
@@ -195,12 +202,16 @@ def sweep(args: argparse.Namespace) -> dict:
     return results
 
 
-def replot(out: Path) -> dict:
-    """The sweep's rows (one JSON object per line, appended by earlier runs) merged into ``out``'s results:
-    a row of ``out`` replaces a sweep row of the same mode, N, k and vocab."""
-    results = json.loads(out.read_text())
+def replot(variant: str) -> dict:
+    """The sweep's rows (``<variant>-sweep.jsonl``, one JSON object per line, appended by earlier runs) merged
+    into the variant's results: a row of the results replaces a sweep row of the same mode, N, k and vocab.
+    The header of the run replotted is kept as ``measured``."""
+    results = bench_results.read(BENCHMARK, variant)
+    header = results.pop("meta")
+    results.setdefault("measured", header)
     key = lambda r: (r["mode"], r["clients"], r["layers"], r["vocab"])  # noqa: E731
-    sweep_rows = map(json.loads, out.with_name(out.stem + "_sweep.jsonl").read_text().splitlines())
+    sweep = bench_results.path(BENCHMARK, f"{variant}-sweep", ".jsonl")
+    sweep_rows = map(json.loads, sweep.read_text().splitlines())
     rows = {key(r): r | {"from_sweep": True} for r in sweep_rows}
     rows |= {key(r): r for r in results["runs"] if "error" not in r}
     results["runs"] = sorted(rows.values(), key=lambda r: (r["vocab"] != 128256, r["mode"], r["clients"], r["layers"]))
@@ -264,13 +275,10 @@ def extrapolate(runs: list[dict], layers: int = LLAMA_70B_LAYERS) -> dict:
     return out
 
 
-def _machine() -> dict:
-    import platform
-
+def _ram_gb() -> float:
     import psutil
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)}  # fmt: skip
+    return round(psutil.virtual_memory().total / 1e9, 1)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -323,7 +331,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/flowertune-layerwise"))
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4])
@@ -331,11 +339,11 @@ def main() -> None:
     parser.add_argument("--compare-vocab", type=int, default=8192, help="vocab for the both-modes comparison")
     parser.add_argument("--compare-layers", type=int, nargs="+", default=[1])
     parser.add_argument("--compare-clients", type=int, nargs="+", default=[2])
-    parser.add_argument("--max-message-mb", type=float, default=256)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--max-message-mb", type=float, default=256, help="MiB per group message")
     parser.add_argument(
         "--replot", action="store_true",
-        help="no runs: merge --out's JSON with the sweep rows beside it (<out>_sweep.jsonl), recompute targets, redraw",
+        help="no runs: merge the results file of these --layers, --clients and --max-message-mb with the sweep rows "
+        "beside it (<variant>-sweep.jsonl), recompute targets, redraw",
     )  # fmt: skip
     # one configuration (internal)
     parser.add_argument("--one", action="store_true")
@@ -348,12 +356,13 @@ def main() -> None:
         args.clients, args.layers = args.clients[0], args.layers[0]
         print(json.dumps(run_one(args)))
         return
-    results = replot(args.out) if args.replot else sweep(args)
-    print(json.dumps(results, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        plot(results, args.out.with_suffix(".png"))
+    variant = (f"llama70b-k{'-'.join(map(str, args.layers))}-n{'-'.join(map(str, args.clients))}"
+               f"-{args.max_message_mb:g}mib")  # fmt: skip
+    load_before = bench_results.load()
+    results = replot(variant) if args.replot else sweep(args)
+    path = bench_results.write(BENCHMARK, variant, results, load_before)
+    plot(results, path.with_suffix(".png"))
+    print(path.read_text())
 
 
 if __name__ == "__main__":

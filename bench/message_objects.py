@@ -1,35 +1,35 @@
 """What one Flower message costs in the Deployment Engine by how many Arrays it holds, for the same bytes.
 
-Why ``transport.to_record`` packs a message's tensors into one Array: Flower moves a message as objects (the
-record, every Array, every 5 MB chunk of an Array), one RPC per object at each hop (ServerApp -> SuperLink ->
-SuperNode -> ClientApp and back). A throwaway Flower app (written to a temporary directory, NumPy only) runs on
-:class:`~flowertune_llm.federation.LocalFederation` (SuperLink + ``--nodes`` SuperNodes on 127.0.0.1, TLS and
-SuperNode authentication): its ServerApp sends every node ``--bytes`` of float32 split into ``--arrays`` Arrays
-and the ClientApp answers with the same shape of record; the server times the push and the whole round trip.
+Why ``weights.transport.to_record`` packs a message's tensors into one Array: Flower moves a message as objects
+(the record, every Array, every 5 MiB chunk of an Array), one RPC per object at each hop (ServerApp ->
+SuperLink -> SuperNode -> ClientApp and back). A throwaway Flower app (written to a temporary directory, NumPy
+only) runs on :class:`~flowertune_llm.deploy.federation.LocalFederation` (SuperLink + ``--nodes`` SuperNodes on
+127.0.0.1, TLS and SuperNode authentication): its ServerApp sends every node ``--bytes`` of float32 split into
+``--arrays`` Arrays and the ClientApp answers with the same shape of record; the server times the push and the
+whole round trip.
 The counts alternate, round after round, so both see the same machine.
 
 Usage (from the repository root)::
 
-    python bench/message_objects.py [--arrays 1 84] [--repeats 6] [--bytes 1300000]
+    python -m bench.message_objects [--arrays 1 84] [--repeats 6] [--bytes 1300000] [--nodes 2]
 
-84 Arrays is builtin:small-llama's LoRA adapter (6 layers x 7 modules x A, B; 1.3 MB). Prints JSON and writes
-``bench/results/message_objects.json``.
+84 Arrays is builtin:small-llama's LoRA adapter (6 layers x 7 modules x A, B; 1.3 million bytes). Prints JSON
+and writes ``bench/results/message_objects/arrays-<A...>-<N>nodes.json`` through :mod:`testbed.results`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_PATH = BENCH_DIR / "results" / "message_objects.json"
+from testbed import results
+
+BENCHMARK = "message_objects"
 
 PYPROJECT = """\
 [build-system]
@@ -39,7 +39,7 @@ build-backend = "hatchling.build"
 [project]
 name = "message-objects"
 version = "1.0.0"
-description = "Round trips of one message shape, for bench/message_objects.py"
+description = "Round trips of one message shape, for python -m bench.message_objects"
 license = "Apache-2.0"
 dependencies = []
 
@@ -78,10 +78,11 @@ def record(arrays, total):
     return ArrayRecord({f"t{i}": Array(np.random.rand(each).astype(np.float32)) for i in range(arrays)})
 
 
+# This throwaway app's own records: "weights" (the Arrays) and "shape" (how many, how large).
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    return Message(RecordDict({"arrays": record(int(config["arrays"]), int(config["total"]))}), reply_to=msg)
+    shape = msg.content["shape"]
+    return Message(RecordDict({"weights": record(int(shape["arrays"]), int(shape["total"]))}), reply_to=msg)
 
 
 @server.main()
@@ -94,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
     rows = []
     for arrays in map(int, str(config["arrays"]).split()):
         total = int(config["total-bytes"])
-        content = RecordDict({"arrays": record(arrays, total), "config": ConfigRecord({"arrays": arrays, "total": total})})
+        shape = ConfigRecord({"arrays": arrays, "total": total})
+        content = RecordDict({"weights": record(arrays, total), "shape": shape})
         messages = [Message(content, dst_node_id=node, message_type="train") for node in nodes]
         start = time.perf_counter()
         pending = set(grid.push_messages(messages))
@@ -116,14 +118,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arrays", type=int, nargs="+", default=[1, 84])
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--bytes", type=int, default=1_300_000)
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args()
 
-    from flowertune_llm.federation import LocalFederation
+    from flowertune_llm.deploy.federation import LocalFederation
 
     plan = " ".join(str(a) for _ in range(args.repeats) for a in args.arrays)
     with tempfile.TemporaryDirectory(prefix="bench-message-objects-") as tmp:
@@ -133,7 +135,7 @@ def main() -> None:
         (app / "message_objects_app.py").write_text(textwrap.dedent(APP))
         out = Path(tmp) / "rows.json"
         run_config = f"arrays='{plan}' total-bytes={args.bytes} nodes={args.nodes} out='{out}'"
-        load_before = os.getloadavg()
+        load_before = results.load()
         with LocalFederation(Path(tmp) / "federation", args.nodes, tls=True, auth=True) as federation:
             done = federation.flwr("run", str(app), federation.connection, "--stream", "--run-config", run_config,
                                    check=False, timeout=1800)  # fmt: skip
@@ -150,19 +152,13 @@ def main() -> None:
             "push_s_median": round(statistics.median(r["push_s"] for r in mine), 3),
             "errors": sum(len(r["errors"]) for r in mine),
         }
-    results = {
-        "benchmark": "message_objects",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cores": os.cpu_count()},
+    payload = {
         "config": {"nodes": args.nodes, "bytes": args.bytes, "tls": True, "supernode_auth": True},
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "summary": summary,
         "rows": rows,
     }
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    variant = f"arrays-{'-'.join(map(str, args.arrays))}-{args.nodes}nodes"
+    print(results.write(BENCHMARK, variant, payload, load_before).read_text())
 
 
 if __name__ == "__main__":

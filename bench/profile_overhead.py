@@ -1,6 +1,6 @@
 """What profiling costs: the quickstart with ``profile.enabled`` on against off, alternated in one session.
 
-    python bench/profile_overhead.py [--pairs 3]
+    python -m bench.profile_overhead [--pairs 3]
 
 Each run is a real ``flwr run`` of ``configs/quickstart.toml`` on one simulation SuperLink (Flower's
 default federation: 2 SuperNodes). Runs alternate off/on, on/off, ... so drift in the machine's load hits
@@ -9,8 +9,8 @@ both sides alike. Two figures per run:
 - ``run_seconds``: the whole ``flwr run`` as a user waits for it (Ray start, imports, all rounds);
 - ``round_seconds``: the sum of the rounds' times from ``history.json`` (what profiling can touch).
 
-Prints JSON, writes ``bench/results/profile_overhead.json`` and the section between the markers in
-``bench/README.md``. Target: profiling adds at most 3%.
+Prints JSON, writes ``bench/results/profile_overhead/quickstart-<N>pairs.json`` (:mod:`testbed.results`) and
+the block between the ``profile-overhead`` markers in ``bench/README.md``. Target: profiling adds at most 3%.
 """
 
 from __future__ import annotations
@@ -18,25 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the simulation harness the integration tests use
+from bench import block_header
+from testbed import results
+from testbed.flower import simulation_superlink
 
-from flower_harness import simulation_superlink  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results" / "profile_overhead.json"
-README = ROOT / "bench" / "README.md"
-BEGIN, END = "<!-- profile-overhead:begin -->", "<!-- profile-overhead:end -->"
+BENCHMARK = "profile_overhead"
+README_BLOCK = "profile-overhead"
+ROOT = results.ROOT
 TARGET = 0.03
+QUICKSTART_ROUNDS = 8
 
 
 def run_once(link, output_dir: Path, profiled: bool) -> dict:
@@ -57,7 +54,7 @@ def run_once(link, output_dir: Path, profiled: bool) -> dict:
 
 def recording_cost(profile_path: Path, tmp: Path) -> dict:
     """The recorder's own cost, free of machine noise: time writing as many events as a profiled round emits."""
-    from flowertune_llm.profiling import Recorder
+    from flowertune_llm.observe.profiling import Recorder
 
     events = [json.loads(line) for line in profile_path.read_text().splitlines()]
     rounds = max(e["round"] for e in events if e.get("round") is not None)
@@ -84,56 +81,41 @@ def overhead(runs: list[dict], key: str) -> dict:
     }
 
 
-def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor(),
-    )
-    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end"
-
-
-def write_readme(report: dict) -> None:
+def readme_block(report: dict, results_file: str) -> str:
+    meta, cost = report["meta"], report["recording_cost"]
     run_row, round_row = report["run_seconds"], report["round_seconds"]
-    lines = [
-        BEGIN,
-        f"Measured {report['date']} on {report['machine']}; {report['pairs']} pairs of quickstart runs "
-        "(8 rounds, 2 SuperNodes), alternated.",
-        "",
-        "```",
-        f"python bench/profile_overhead.py --pairs {report['pairs']}",
-        "```",
-        "",
+    measured_on = (
+        f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, load average {meta['load']['after'][0]:.2f} "
+        f"at the end; {report['pairs']} pairs of quickstart runs ({QUICKSTART_ROUNDS} rounds, 2 SuperNodes), alternated"
+    )
+    return "\n".join([
+        *block_header(meta, measured_on, results_file),
         "| figure | median off s | median on s | overhead |",
         "|---|---|---|---|",
         f"| whole `flwr run` | {run_row['median_off']:.1f} | {run_row['median_on']:.1f} | {run_row['overhead']:+.1%} |",
-        f"| sum of rounds | {round_row['median_off']:.2f} | {round_row['median_on']:.2f} | {round_row['overhead']:+.1%} |",
+        f"| sum of rounds | {round_row['median_off']:.2f} | {round_row['median_on']:.2f} "
+        f"| {round_row['overhead']:+.1%} |",
         "",
         f"Target: at most {TARGET:.0%} → **{'met' if report['met'] else 'not met'}** (judged on the whole run).",
         "",
         f"The recorder's own cost, which machine load cannot blur: a profiled round writes "
-        f"{report['recording_cost']['events_per_round']:.0f} events at "
-        f"{report['recording_cost']['seconds_per_event'] * 1e6:.1f} µs each, "
-        f"{report['recording_cost']['seconds_per_round'] * 1e3:.2f} ms per round = "
-        f"{report['recording_cost']['share_of_median_round']:.3%} of the median unprofiled round.",
-        END,
-    ]
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = "\n".join(lines)
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text += f"\n## Profiling overhead\n\nRun `python bench/profile_overhead.py`; see its docstring for the method.\n\n{block}\n"
-    README.write_text(text)
+        f"{cost['events_per_round']:.0f} events at {cost['seconds_per_event'] * 1e6:.1f} µs each, "
+        f"{cost['seconds_per_round'] * 1e3:.2f} ms per round = "
+        f"{cost['share_of_median_round']:.3%} of the median unprofiled round.",
+    ])  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     # SIGTERM raises SystemExit, so the harness still stops every Flower process it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(tempfile.gettempdir()) / "flowertune-llm-bench-cache"))
 
+    load_before = results.load()
     order = [profiled for pair in range(args.pairs) for profiled in ((False, True) if pair % 2 == 0 else (True, False))]
     runs = []
     with tempfile.TemporaryDirectory() as scratch, simulation_superlink(Path(scratch)) as link:
@@ -144,10 +126,7 @@ def main() -> None:
         profiled_run = next(r for r in runs if r["profiled"])
         cost = recording_cost(Path(scratch) / "runs" / str(profiled_run["run_id"]) / "profile.jsonl", Path(scratch))
 
-    report = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+    payload = {
         "pairs": args.pairs,
         "runs": runs,
         "run_seconds": overhead(runs, "run_seconds"),
@@ -155,12 +134,12 @@ def main() -> None:
         "recording_cost": cost,
     }
     cost["share_of_median_round"] = cost["seconds_per_round"] / (
-        report["round_seconds"]["median_off"] / 8  # quickstart: 8 rounds
+        payload["round_seconds"]["median_off"] / QUICKSTART_ROUNDS
     )
-    report["met"] = report["run_seconds"]["overhead"] <= TARGET
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    write_readme(report)
+    payload["met"] = payload["run_seconds"]["overhead"] <= TARGET
+    path = results.write(BENCHMARK, f"quickstart-{args.pairs}pairs", payload, load_before)
+    report = json.loads(path.read_text())
+    results.rewrite_readme_block(README_BLOCK, readme_block(report, str(path.relative_to(results.README.parent))))
     print(json.dumps(report, indent=2))
 
 

@@ -86,7 +86,7 @@ def model_path(name: str) -> Path:
 
 
 def _training_text() -> list[str]:
-    from flowertune_llm.templates import ALPACA_PREAMBLE_WITH_INPUT, CHAT_TEMPLATES
+    from flowertune_llm.training.templates import ALPACA_PREAMBLE_WITH_INPUT, CHAT_TEMPLATES
 
     lines = [ALPACA_PREAMBLE_WITH_INPUT, "### Instruction:", "### Input:", "### Response:"]
     lines += [t.prefix + t.suffix for t in CHAT_TEMPLATES.values()]
