@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flowertune_llm.deploy import commands as deploy_commands
+from flowertune_llm.evaluate import command as evaluate_command
 from flowertune_llm.training.templates import CHAT_TEMPLATES
 
 
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_chat_arguments(commands.add_parser("chat", help="answer a question with a base model and a trained adapter"))
     add_profile_arguments(commands.add_parser("profile", help="where a profiled run's seconds, bytes and memory went"))
-    handlers = {"chat": chat, "profile": profile, **deploy_commands.add_commands(commands)}  # + federation, certs, keys
+    evaluate_command.add_arguments(commands.add_parser("evaluate", help="score an adapter as the FlowerTune leaderboard does"))
+    handlers = {"chat": chat, "profile": profile, "evaluate": evaluate_command.run,
+                **deploy_commands.add_commands(commands)}  # + federation, certs, keys
     args = parser.parse_args(argv)
     return handlers[args.command](args)
 

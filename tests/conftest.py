@@ -25,6 +25,7 @@ from flowertune_llm.federated import protocol
 from flowertune_llm.observe.profiling import Recorder
 from flowertune_llm.units import MiB
 from flowertune_llm.weights.tensors import Piece
+from testbed.flower import simulation_superlink
 
 # Built-in models are built once per test session into a private cache, never into the user's home.
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flowertune-llm-test-cache"))
@@ -175,6 +176,29 @@ def record_a_round(recorder: Recorder, server_round: int) -> None:
         with recorder.span("aggregate"):
             time.sleep(0.01)
     recorder.memory()
+
+
+# --- a real run, shared ---
+
+QUICKSTART_ROUNDS = 3
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """A real `flwr run` of the quickstart (3 SuperNodes, profiled), shared by every test that reads a trained run."""
+    tmp_path = tmp_path_factory.mktemp("simulation")
+    output_dir = tmp_path / "runs"
+    with simulation_superlink(tmp_path) as link:
+        # The quickstart preset, with the round count and output directory overridden on the command line.
+        result = link.run_app(
+            APP_DIR,
+            run_config=(
+                f"preset='quickstart' num-server-rounds={QUICKSTART_ROUNDS} train.save-every-round=2 "
+                f"output.dir='{output_dir}' profile.enabled=true"
+            ),
+            federation_config="num-supernodes=3 client-resources-num-cpus=1",
+        )
+    return result, output_dir / str(result.run_id)
 
 
 # --- commands ------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from flowertune_llm.atomic import write_atomic, write_json
 from flowertune_llm.weights.disk import check_disk_space
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter, save_local_checkpoint
-from flowertune_llm.weights.tensors import Piece, TensorSpec, specs_of, specs_from_json, specs_to_json
+from flowertune_llm.weights.tensors import Piece, TensorSpec, specs_from_json, specs_of, specs_to_json
+
 
 class WeightSource(Protocol):
     """Where a node's groups are read from: its own checkpoint, its update, or what the server sent."""

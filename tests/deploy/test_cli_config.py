@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from flowertune_llm.deploy.cli_config import node_config_arg, toml_value, write_cli_connection
 

@@ -18,31 +18,12 @@ from flowertune_llm.observe.report import load_profile, summarize
 from flowertune_llm.training import models
 from flowertune_llm.training.data import format_dataset
 from flowertune_llm.weights.transport import to_record
-from testbed.flower import simulation_superlink
 
 from conftest import APP_DIR, profiled_run_report
-
-ROUNDS = 3
+from conftest import QUICKSTART_ROUNDS as ROUNDS
 
 pytestmark = pytest.mark.simulation
 QUICKSTART = parse_run_config({**default_run_config(), "preset": "quickstart"})
-
-
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("simulation")
-    output_dir = tmp_path / "runs"
-    with simulation_superlink(tmp_path) as link:
-        # The quickstart preset, with the round count and output directory overridden on the command line.
-        result = link.run_app(
-            APP_DIR,
-            run_config=(
-                f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round=2 "
-                f"output.dir='{output_dir}' profile.enabled=true"
-            ),
-            federation_config="num-supernodes=3 client-resources-num-cpus=1",
-        )
-    return result, output_dir / str(result.run_id)
 
 
 def completion_loss(model, tokenizer, rows: Dataset) -> float:
