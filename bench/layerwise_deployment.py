@@ -32,33 +32,15 @@ from testbed import results
 
 BENCHMARK = "layerwise_deployment"
 NODES = 2
-# tests/conftest.py's ``small_llama``: 3 layers, 30 tensors, 0.33 MiB in bf16. Saved by
-# transformers (tensors in name order), it makes 11 groups at 0.04 MiB.
-SMALL_LLAMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   num_hidden_layers=3, vocab_size=500, tie_word_embeddings=False)  # fmt: skip
-
-
-def small_llama(directory: Path, seed: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).to(torch.bfloat16).save_pretrained(directory)
-    return directory
-
-
 def run(window: int, max_message_mb: float, workdir: Path) -> dict:
     from flowertune_llm.deploy.federation import LocalFederation
     from testbed.flower import federation_link
+    from testbed.models import aggregation_only_run, small_llama
 
     models = [small_llama(workdir / f"model-{node}", seed=node) for node in range(NODES)]
     node_configs = [{"model-path": str(m), "state-dir": str(workdir / "node-state")} for m in models]
     # Two aggregation-only rounds of the whole model, as the tests' layer-wise runs.
-    config = (
-        f"model.name='{models[0]}' model.quantization=0 train.training-arguments.max-steps=0 num-server-rounds=2 "
-        f"strategy.fraction-train=1.0 aggregation.mode='layerwise' aggregation.max-message-mb={max_message_mb} "
-        f"output.dir='{workdir / 'runs'}' aggregation.window={window}"
-    )
+    config = aggregation_only_run(models[0], "layerwise", workdir / "runs", f"aggregation.window={window}", max_message_mb)
     federation = LocalFederation(workdir / "federation", NODES, tls=True, auth=True, node_configs=node_configs)
     with federation:
         started = time.perf_counter()

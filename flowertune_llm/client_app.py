@@ -1,5 +1,6 @@
 """ClientApp: one round of local instruction tuning of the global adapter on this node's data, its weights
-moving group by group (``train.receive`` down, ``train``, ``train.send`` up; see federated/protocol.py).
+moving group by group (``train.receive`` down, ``train``, ``train.send`` up; ``evaluate.receive`` and
+``evaluate`` for federated evaluation; see federated/protocol.py).
 
 In simulation the round runs in this process (an actor that lives for the whole run, so the model stays
 loaded). In deployment Flower starts a new process per message, so the round goes to the node's
@@ -44,4 +45,16 @@ def receive(msg: Message, context: Context) -> Message:
 @app.train("send")
 def send(msg: Message, context: Context) -> Message:
     """Answer with one more group of this round's update."""
+    return _answer(msg, context)
+
+
+@app.evaluate("receive")
+def evaluate_receive(msg: Message, context: Context) -> Message:
+    """Store one group of the round's new global model, to be evaluated."""
+    return _answer(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Take the last group and answer with the global model's loss on this node's held-out examples."""
     return _answer(msg, context)

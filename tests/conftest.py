@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flowertune_llm.config import RunConfig, default_run_config, parse_run_config
 from flowertune_llm.federated import protocol
@@ -137,27 +136,6 @@ def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-# --- models and runs ---
-
-
-def small_llama(directory: Path, dtype: torch.dtype, seed: int = 0) -> Path:
-    """A 3-layer Llama with random weights, saved in ``dtype`` as a model directory."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=3, vocab_size=500, tie_word_embeddings=False)  # fmt: skip
-    LlamaForCausalLM(config).to(dtype).save_pretrained(directory)
-    return directory
-
-
-def aggregation_only_run(model_dir: Path, mode: str, output_dir: Path, extra: str = "") -> str:
-    """The run config of a 2-round aggregation-only run of the whole model at ``model_dir``, in ~0.1 MiB groups."""
-    return (
-        f"model.name='{model_dir}' model.quantization=0 train.training-arguments.max-steps=0 num-server-rounds=2 "
-        f"strategy.fraction-train=1.0 aggregation.mode='{mode}' aggregation.max-message-mb=0.1 "
-        f"output.dir='{output_dir}' {extra}"
-    ).strip()
-
-
 # --- profiles ---
 
 
@@ -194,7 +172,7 @@ def quickstart_run(tmp_path_factory):
             APP_DIR,
             run_config=(
                 f"preset='quickstart' num-server-rounds={QUICKSTART_ROUNDS} train.save-every-round=2 "
-                f"output.dir='{output_dir}' profile.enabled=true"
+                f"output.dir='{output_dir}' profile.enabled=true eval.every-round=1 eval.fraction=0.2"
             ),
             federation_config="num-supernodes=3 client-resources-num-cpus=1",
         )

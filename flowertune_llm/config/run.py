@@ -193,6 +193,23 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Federated evaluation: the global adapter's loss on a held-out share of each node's partition."""
+
+    PREFIX: ClassVar[str] = "eval."
+    every_round: int  # evaluate after every N-th round and after the last; 0: never
+    fraction: float  # the share of each node's partition held out (never trained on) when evaluating
+
+    def __post_init__(self) -> None:
+        _require(self, "every_round", self.every_round >= 0, "rounds between evaluations, 0 for none")
+        _require(self, "fraction", 0 < self.fraction < 1, "allowed: 0 < fraction < 1")
+
+    def due(self, server_round: int, num_rounds: int) -> bool:
+        """Whether the global model after ``server_round`` is evaluated."""
+        return self.every_round > 0 and (server_round % self.every_round == 0 or server_round == num_rounds)
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     PREFIX: ClassVar[str] = "profile."
     enabled: bool  # record spans, memory and bytes per round and node into profile.jsonl
@@ -209,10 +226,14 @@ class RunConfig:
     aggregation: AggregationConfig
     dataset: DatasetConfig
     output: OutputConfig
+    eval: EvalConfig
     profile: ProfileConfig
 
     def __post_init__(self) -> None:
         _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")
+        if self.eval.every_round and self.aggregation_only:
+            raise ConfigError("eval.every-round", self.eval.every_round,
+                              "an aggregation-only run (train.training-arguments.max-steps=0) trains nothing to evaluate")  # fmt: skip
 
     @property
     def aggregation_only(self) -> bool:

@@ -3,7 +3,9 @@
 A round reaches a node as up to three kinds of message (federated/protocol.py): ``train.receive`` with a
 group of the global model, ``train`` (perhaps with the last group) to train and answer with the first
 group of the update, and ``train.send`` for each further group. With ``max-steps=0`` the node trains
-nothing and loads no data, tokenizer or model: it answers with the weights it holds.
+nothing and loads no data, tokenizer or model: it answers with the weights it holds. With federated
+evaluation, ``evaluate.receive`` and ``evaluate`` bring the round's new global model to be scored on the
+node's held-out share of its data (``eval.fraction``, split once with the run's seed, never trained on).
 
 Runs inside the ClientApp process in simulation (whose actors live for the whole run) and inside the
 node's persistent worker in deployment (deploy/worker.py), so the model is loaded once per process either
@@ -22,7 +24,7 @@ from flowertune_llm.config import NodeConfig, NodeConfigError, RunConfig, run_co
 from flowertune_llm.federated import protocol
 from flowertune_llm.observe.profiling import Profiler
 from flowertune_llm.training import data, models, sft
-from flowertune_llm.weights.node_state import NodeState, ReceivedGroups
+from flowertune_llm.weights.node_state import EVAL, TRAIN, NodeState, ReceivedGroups
 from flowertune_llm.weights.transport import from_record, to_record
 
 log = logging.getLogger(f"flwr.{__name__}")
@@ -45,19 +47,22 @@ class NodeRound:
 def handle(message_type: str, content: RecordDict, node_round: NodeRound, profile: Profiler) -> RecordDict:
     """Answer one message of a round (its type says which part); returns the reply's content."""
     state = NodeState.open(node_round.run_id, node_round.node_id, node_round.node.state_dir)
-    if message_type == protocol.RECEIVE:
-        _store(protocol.ReceiveIns.from_content(content).group, protocol.Header.from_content(content), state)
+    if message_type in (protocol.RECEIVE, protocol.EVALUATE_RECEIVE):
+        ins = protocol.ReceiveIns.from_content(content)
+        _store(ins.group, ins.header, state, TRAIN if message_type == protocol.RECEIVE else EVAL)
         return protocol.Ack().to_content()
     if message_type == protocol.SEND:
         return send(protocol.SendIns.from_content(content), state).to_content()
+    if message_type == protocol.EVALUATE:
+        return evaluate(protocol.EvaluateIns.from_content(content), node_round, state, profile).to_content()
     return train(protocol.TrainIns.from_content(content), node_round, state, profile).to_content()
 
 
-def _store(group: protocol.Group, header: protocol.Header, state: NodeState) -> None:
-    """``train.receive`` (or the group riding with ``train``): store one group of the global model."""
+def _store(group: protocol.Group, header: protocol.Header, state: NodeState, phase: str = TRAIN) -> None:
+    """A group of the global model (``*.receive``, or the last one riding with ``train``/``evaluate``)."""
     if group.index == 0:
-        state.begin_round(header.server_round)
-    state.receive(header.server_round, group.index, group.count, from_record(group.arrays), group.manifest)
+        state.begin_round(header.server_round, phase)
+    state.receive(header.server_round, group.index, group.count, from_record(group.arrays), group.manifest, phase)
 
 
 def train(ins: protocol.TrainIns, node_round: NodeRound, state: NodeState, profile: Profiler) -> protocol.TrainRes:
@@ -116,13 +121,9 @@ def _train(
     config = node_round.run
     # Data first: a node whose data is missing fails in seconds, not after loading a model.
     with profile.span("data_load") as span:
-        dataset = data.load_node_dataset(config.dataset, node_round.node)
+        dataset, _ = _node_data(node_round)
         span["examples"] = len(dataset)
-    with profile.span("model_load") as span:
-        model, tokenizer, span["cache_hit"] = models.cached_peft_model(config.model)
-    with profile.span("adapter_in"), received:
-        models.set_adapter_state(model, received.state())
-
+    model, tokenizer = _model_with(received, config, profile)
     with profile.span("train") as span:
         result = sft.train_round(
             model, tokenizer, dataset, config.train, config.model, learning_rate=learning_rate, server_round=server_round
@@ -138,3 +139,39 @@ def _train(
     )  # fmt: skip
     state.serve_from(server_round, state.save_update(server_round, models.get_adapter_state(model)))
     return result.num_examples, result.train_loss, result.step_seconds
+
+
+def _model_with(received: ReceivedGroups, config: RunConfig, profile: Profiler):
+    """The process's cached model (loaded on first use), carrying the global adapter the server sent."""
+    with profile.span("model_load") as span:
+        model, tokenizer, span["cache_hit"] = models.cached_peft_model(config.model)
+    with profile.span("adapter_in"), received:
+        models.set_adapter_state(model, received.state())
+    return model, tokenizer
+
+
+def _node_data(node_round: NodeRound):
+    """``(train, held out)``: the node's data, its held-out share taken out when the run evaluates (else None)."""
+    config = node_round.run
+    dataset = data.load_node_dataset(config.dataset, node_round.node)
+    if not config.eval.every_round:
+        return dataset, None
+    return data.split_held_out(dataset, config.eval.fraction, config.train.seed)
+
+
+def evaluate(ins: protocol.EvaluateIns, node_round: NodeRound, state: NodeState, profile: Profiler) -> protocol.EvaluateRes:
+    """``evaluate``: the global model's completion loss on this node's held-out examples."""
+    server_round, config = ins.header.server_round, node_round.run
+    _store(ins.group, ins.header, state, EVAL)
+    received = state.received(server_round, EVAL)
+    with profile.span("data_load") as span:
+        _, held_out = _node_data(node_round)
+        if held_out is None:
+            raise ValueError(f"round {server_round}: asked to evaluate, but eval.every-round is 0 in this run")
+        span["examples"] = len(held_out)
+    model, tokenizer = _model_with(received, config, profile)
+    with profile.span("eval") as span:
+        loss = sft.held_out_loss(model, tokenizer, held_out, config.train, config.model)
+        span["examples"] = len(held_out)
+    log.info("Round %d: eval_loss %.4f on %d held-out examples", server_round, loss, len(held_out))
+    return protocol.EvaluateRes(loss, len(held_out))

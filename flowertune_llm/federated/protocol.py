@@ -9,6 +9,13 @@ A round between the server and one node (federated/strategy.py drives it, federa
     server -> node   train.send      SendIns      the keys of the update's next group
     node -> server                   SendRes      those tensors
 
+and, in rounds with federated evaluation (``eval.every-round``), for the round's new global model::
+
+    server -> node   evaluate.receive  ReceiveIns  a group of the global model (all but the last)
+    node -> server                     Ack
+    server -> node   evaluate          EvaluateIns the last group: compute the held-out loss
+    node -> server                     EvaluateRes the loss and how many examples it averages
+
 Every instruction carries the round number and the profile flag (:class:`Header`), so a node's client mod
 knows whether to record without parsing the run config. Each dataclass becomes a Flower ``RecordDict``
 with :meth:`to_content` and is read back with :meth:`from_content`; content that lacks a record or key
@@ -34,6 +41,8 @@ if TYPE_CHECKING:
 RECEIVE = "train.receive"
 TRAIN = "train"
 SEND = "train.send"
+EVALUATE_RECEIVE = "evaluate.receive"
+EVALUATE = "evaluate"
 
 # Records of a content.
 _ARRAYS, _CONFIG, _METRICS, _PROFILE = "arrays", "config", "metrics", "profile"
@@ -42,6 +51,7 @@ _ROUND, _PROFILE_ON = "server-round", "profile"
 _GROUP, _GROUPS, _MANIFEST = "group", "groups", "manifest"
 _LEARNING_RATE, _REPLY_KEYS, _KEYS = "learning-rate", "reply-keys", "keys"
 _WEIGHT, _TRAIN_LOSS, _STEP_SECONDS = "weight", "train-loss", "step-seconds"
+_EVAL_LOSS, _EXAMPLES = "eval-loss", "examples"
 _EVENTS = "events"
 
 
@@ -114,9 +124,7 @@ class Group:
 
 
 @dataclass(frozen=True)
-class ReceiveIns:
-    """``train.receive``: store this group of the global model."""
-
+class _GroupIns:
     header: Header
     group: Group
 
@@ -125,8 +133,13 @@ class ReceiveIns:
         return RecordDict({_ARRAYS: self.group.arrays, _CONFIG: config})
 
     @classmethod
-    def from_content(cls, content: RecordDict) -> ReceiveIns:
+    def from_content(cls, content: RecordDict):
         return cls(Header.from_content(content), Group._from(content))
+
+
+@dataclass(frozen=True)
+class ReceiveIns(_GroupIns):
+    """``train.receive`` and ``evaluate.receive``: store this group of the global model."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,27 @@ class SendRes:
     @classmethod
     def from_content(cls, content: RecordDict) -> SendRes:
         return cls(_record(content, _ARRAYS))
+
+
+@dataclass(frozen=True)
+class EvaluateIns(_GroupIns):
+    """``evaluate``: compute the loss of the global model (its last group rides along) on the held-out data."""
+
+
+@dataclass(frozen=True)
+class EvaluateRes:
+    """The reply to ``evaluate``: the mean completion loss over ``examples`` held-out examples."""
+
+    loss: float
+    examples: int
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({_METRICS: MetricRecord({_EVAL_LOSS: float(self.loss), _EXAMPLES: int(self.examples)})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvaluateRes:
+        metrics = _record(content, _METRICS)
+        return cls(float(_value(metrics, _EVAL_LOSS, _METRICS)), int(_value(metrics, _EXAMPLES, _METRICS)))
 
 
 def arrays_of(content: RecordDict) -> ArrayRecord | None:

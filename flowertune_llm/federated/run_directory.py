@@ -2,8 +2,9 @@
 
     <output.dir>/<run_id>/
         run_config.json          the resolved config the run used
-        history.json             one record per round: loss, learning rate, nodes, failures, bytes, seconds
-        loss.png                 train loss and learning rate across rounds
+        history.json             one record per round: loss (train and held out), learning rate, nodes,
+                                 failures, bytes, seconds
+        loss.png                 train and held-out loss and the learning rate across rounds
         checkpoints/round-<N>/   the global weights after round N, written by the round loop as it averages:
                                  adapter_model.safetensors + adapter_config.json (a standard PEFT adapter),
                                  or a full model's sharded model-*.safetensors + index + config.json
@@ -42,10 +43,15 @@ class RunDirectory:
         import matplotlib.pyplot as plt
 
         trained = [r for r in rounds if r["train_loss"] is not None]
+        evaluated = [r for r in rounds if r.get("eval_loss") is not None]
         fig, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
-        loss_axis.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "o-", color="tab:blue")
+        loss_axis.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], "o-", color="tab:blue", label="train")
+        if evaluated:
+            loss_axis.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated], "s-", color="tab:orange",
+                           label="held out")  # fmt: skip
+            loss_axis.legend(loc="upper right", fontsize=8)
         loss_axis.set_xlabel("round")
-        loss_axis.set_ylabel("train loss (weighted mean over clients)", color="tab:blue")
+        loss_axis.set_ylabel("loss (weighted mean over nodes)", color="tab:blue")
         lr_axis = loss_axis.twinx()
         lr_axis.plot([r["round"] for r in rounds], [r["learning_rate"] for r in rounds], "--", color="tab:gray")
         lr_axis.set_ylabel("learning rate", color="tab:gray")

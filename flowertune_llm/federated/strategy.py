@@ -7,7 +7,10 @@ no checkpoint hook, so the loop is written out here. One round, for the sampled 
 1. **down**: groups ``1..G-1`` of the global model as ``train.receive``;
 2. **train**: ``train`` with the learning rate and the last group; each node trains (or, in an
    aggregation-only run, does not) and answers with the first group of its update and its FedAvg weight;
-3. **up**: ``train.send`` for groups ``2..G``.
+3. **up**: ``train.send`` for groups ``2..G``;
+4. **evaluate** (every ``eval.every-round`` rounds and after the last): the round's new global model goes
+   down to the nodes whose updates made it (``evaluate.receive``, then ``evaluate`` with the last group),
+   and each answers with its held-out loss; the weighted mean is the round's ``eval_loss``.
 
 Group messages go ``aggregation.window`` ahead per node (group 1 down goes alone: it starts the node's
 round, which later groups must not race in the Simulation Engine, where one node's queued messages can
@@ -68,14 +71,20 @@ class RoundRecord:
     failures: dict[str, str] = field(default_factory=dict)  # node id -> why it was left out
     groups: int = 0
     restarts: int = 0  # a node failed after its share was folded: the round restarted without it
-    bytes_down: int = 0  # counted by federated/messaging.py, each message in full
+    bytes_down: int = 0  # counted by federated/messaging.py, each message in full (evaluation included)
     bytes_up: int = 0
     seconds: float = 0.0
+    eval_loss: float | None = None  # the global model's held-out loss after this round, weighted by examples
+    eval_examples: int = 0
+    eval_nodes: list[int] = field(default_factory=list)  # whose loss is in eval_loss
+    eval_failures: dict[str, str] = field(default_factory=dict)
 
-    def leave_out(self, node: int, reason: str) -> None:
-        if str(node) not in self.failures:
-            self.failures[str(node)] = reason
-            log.warning("Round %d: node %d left out: %s", self.round, node, reason)
+    def leave_out(self, node: int, reason: str, failures: dict[str, str] | None = None) -> None:
+        failures = self.failures if failures is None else failures
+        if str(node) not in failures:
+            failures[str(node)] = reason
+            what = "left out" if failures is self.failures else "not evaluated"
+            log.warning("Round %d: node %d %s: %s", self.round, node, what, reason)
 
 
 class RoundFailed(RuntimeError):
@@ -107,6 +116,8 @@ class StreamingFedAvg:
                 start = time.monotonic()
                 try:
                     output = self._round(grid, current, record)
+                    if self.config.eval.due(server_round, self.config.num_server_rounds):
+                        self._evaluate(grid, output, record)
                 finally:
                     record.seconds = time.monotonic() - start
                     with self.profile.span("history"):
@@ -143,7 +154,9 @@ class StreamingFedAvg:
 
         source = LocalCheckpoint(current) if current is not None else nullcontext(None)
         with source as global_model:
-            nodes = self._send_down(messages, global_model, record) if global_model is not None else record.nodes
+            nodes = record.nodes
+            if global_model is not None:
+                nodes = self._send_down(messages, global_model, record, nodes, protocol.RECEIVE, record.failures)
             trained = messages.push(protocol.TRAIN, self._train_ins(global_model, record), nodes)
 
         losses: dict[int, float] = {}
@@ -178,24 +191,48 @@ class StreamingFedAvg:
         size = min(len(node_ids), max(int(len(node_ids) * strategy.fraction_train), strategy.min_train_nodes))
         return sorted(self._rng.sample(node_ids, size))
 
-    def _send_down(self, messages: Messenger, global_model: LocalCheckpoint, record: RoundRecord) -> list[int]:
-        """Groups ``1..G-1`` down; returns the nodes that stored them all (the last group goes with ``train``)."""
-        nodes, last = list(record.nodes), len(self.exchange.groups) - 1
+    def _send_down(self, messages: Messenger, global_model: LocalCheckpoint, record: RoundRecord, nodes: list[int],
+                   message_type: str, failures: dict[str, str]) -> list[int]:  # fmt: skip
+        """Groups ``1..G-1`` down; returns the nodes that stored them all (the last group goes with the
+        ``train`` or ``evaluate`` message that follows). A node that fails is named in ``failures``."""
+        nodes, last = list(nodes), len(self.exchange.groups) - 1
 
         def push(index: int) -> Pending:
             ins = protocol.ReceiveIns(self.header(record), self._group(global_model, index))
-            return messages.push(protocol.RECEIVE, ins.to_content(), nodes)
+            return messages.push(message_type, ins.to_content(), nodes)
 
         window = Window(self.config.aggregation.window, count=last)
         for index in range(last):
             # Group 1 goes alone: it starts the node's round. Later ones go a window ahead.
             pending = push(index) if index == 0 else window.take(index, push)
-            pending = {message: node for message, node in pending.items() if str(node) not in record.failures}
+            pending = {message: node for message, node in pending.items() if str(node) not in failures}
             for update in messages.collect(pending, lambda content, node: Update(node)):
                 if update.problem:
-                    record.leave_out(update.client, f"group {index + 1} down: {update.problem}")
-            nodes = [n for n in nodes if str(n) not in record.failures]
+                    record.leave_out(update.client, f"group {index + 1} down: {update.problem}", failures)
+            nodes = [n for n in nodes if str(n) not in failures]
         return nodes
+
+    def _evaluate(self, grid: Grid, model: Path, record: RoundRecord) -> None:
+        """The round's new global model, sent to the nodes whose updates made it, scored on their held-out data."""
+        messages = Messenger(grid, self.config.strategy.round_timeout, self.profile, record)
+        with self.profile.span("evaluate"), LocalCheckpoint(model) as global_model:
+            nodes = self._send_down(messages, global_model, record, record.aggregated, protocol.EVALUATE_RECEIVE,
+                                    record.eval_failures)  # fmt: skip
+            last = self._group(global_model, len(self.exchange.groups) - 1)
+            pending = messages.push(protocol.EVALUATE, protocol.EvaluateIns(self.header(record), last).to_content(), nodes)
+            losses: dict[int, float] = {}
+            for update in messages.collect(pending, lambda content, node: self._decode_eval(content, node, losses)):
+                if update.problem:
+                    record.leave_out(update.client, f"evaluate: {update.problem}", record.eval_failures)
+                else:
+                    record.eval_nodes.append(update.client)
+                    record.eval_examples += int(update.weight)
+        if record.eval_examples:
+            record.eval_loss = sum(losses[n] for n in record.eval_nodes) / record.eval_examples
+            log.info("[round %d/%d] eval_loss %.4f on %d held-out examples of %d node(s)", record.round,
+                     self.config.num_server_rounds, record.eval_loss, record.eval_examples, len(record.eval_nodes))  # fmt: skip
+        else:
+            log.warning("Round %d: no node evaluated the global model: %s", record.round, record.eval_failures or "none asked")
 
     def _train_ins(self, global_model: LocalCheckpoint | None, record: RoundRecord) -> RecordDict:
         last = len(self.exchange.groups) - 1
@@ -242,6 +279,17 @@ class StreamingFedAvg:
                 return Update(node, problem=f"update rejected: train_loss={loss}")
             losses[node] = loss
         return Update(node, from_record(reply.arrays), weight=reply.weight)
+
+    @staticmethod
+    def _decode_eval(content: RecordDict, node: int, losses: dict[int, float]) -> Update[int]:
+        try:
+            reply = protocol.EvaluateRes.from_content(content)
+        except protocol.ProtocolError as error:
+            return Update(node, problem=str(error))
+        if not math.isfinite(reply.loss) or reply.examples < 1:
+            return Update(node, problem=f"eval_loss={reply.loss} over {reply.examples} examples")
+        losses[node] = reply.loss * reply.examples  # summed, divided by all examples once every node is in
+        return Update(node, weight=reply.examples)
 
     @staticmethod
     def decode_group(content: RecordDict, node: int) -> Update[int]:

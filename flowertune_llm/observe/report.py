@@ -19,8 +19,9 @@ from flowertune_llm.units import MiB
 
 Event = dict[str, Any]
 SERVER = "server"
-# Direct children of the server's "round" span; together they should account for all of it.
-SERVER_PARTS = ("configure", "send", "wait", "decode", "aggregate", "write", "history", "checkpoint")
+# Direct children of the server's "round" span; together they should account for all of it. Federated
+# evaluation is one part ("evaluate"); its own sends and waits are inside it, not counted again.
+SERVER_PARTS = ("configure", "send", "wait", "decode", "aggregate", "write", "history", "checkpoint", "evaluate")
 
 
 class ProfileNotFound(LookupError):
@@ -90,11 +91,16 @@ def _spans(events: list[Event], name: str, server: bool) -> list[Event]:
     return [e for e in events if e["kind"] == "span" and e["name"] == name and (e["node"] == SERVER) == server]
 
 
+def _round_parts(events: list[Event], name: str) -> float:
+    return sum((e["seconds"] for e in _spans(events, name, server=True) if e.get("parent") == "round"), 0.0)
+
+
 def _summarize_round(server_round: int, events: list[Event]) -> dict[str, Any]:
     wall = sum(e["seconds"] for e in _spans(events, "round", server=True))
-    parts = {name: sum((e["seconds"] for e in _spans(events, name, server=True)), 0.0) for name in SERVER_PARTS}
+    parts = {name: _round_parts(events, name) for name in SERVER_PARTS}
     arrivals = [e["seconds"] for e in events if e["kind"] == "arrival"]
     train = [e["seconds"] for e in _spans(events, "train", server=False)]
+    evaluated = [e["seconds"] for e in _spans(events, "eval", server=False)]
     memory = [e for e in events if e["kind"] == "memory"]
     server_memory = [e["peak_rss_mb"] for e in memory if e["node"] == SERVER]
     client_memory = [e["peak_rss_mb"] for e in memory if e["node"] != SERVER]
@@ -107,6 +113,7 @@ def _summarize_round(server_round: int, events: list[Event]) -> dict[str, Any]:
         "coverage": sum(parts.values()) / wall if wall else None,
         "train_seconds_median": _median(train),
         "train_seconds_max": _max(train),
+        "eval_seconds_max": _max(evaluated),
         "straggler_wait_seconds": (max(arrivals) - min(arrivals)) if arrivals else None,
         "bytes_down": sum(e["bytes"] for e in events if e["kind"] == "message" and e["direction"] == "down"),
         "bytes_up": sum(e["bytes"] for e in events if e["kind"] == "message" and e["direction"] == "up"),
@@ -196,6 +203,7 @@ _COLORS = {
     "configure": "tab:purple", "send": "tab:pink", "wait": "lightgray", "decode": "tab:olive",
     "aggregate": "tab:red", "write": "teal", "history": "tab:brown", "checkpoint": "black", "model_load": "tab:orange",
     "adapter_in": "tab:cyan", "data_load": "tab:green", "train": "tab:blue", "adapter_out": "tab:cyan",
+    "evaluate": "gold", "eval": "gold",
 }  # fmt: skip
 
 

@@ -6,6 +6,7 @@ the completion only. The prompts follow the FlowerTune leaderboard's training te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -134,3 +135,25 @@ def load_node_dataset(config: DatasetConfig, node: NodeConfig) -> Dataset:
     if key not in _local:
         _local[key] = format_dataset(_load_local(path), DatasetConfig(str(path), format_name))
     return _local[key]
+
+
+_splits: dict[tuple[int, float, int], tuple[Dataset, tuple[Dataset, Dataset]]] = {}
+
+
+def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(train, held out)``: ``fraction`` of a node's data, drawn once with the run's seed and never trained on.
+
+    The same for every round and every process of the node (the split is seeded), and kept for the life of
+    the process, so training and evaluation reuse their tokenized sets.
+    """
+    key = (id(dataset), fraction, seed)
+    if key not in _splits or _splits[key][0] is not dataset:
+        held = math.ceil(len(dataset) * fraction)
+        if held < 1 or len(dataset) - held < 1:
+            raise ValueError(
+                f"eval.fraction={fraction} of this node's {len(dataset)} examples leaves "
+                f"{held} to evaluate and {len(dataset) - held} to train: both need at least one"
+            )
+        parts = dataset.train_test_split(test_size=held, seed=seed, shuffle=True)
+        _splits[key] = (dataset, (parts["train"], parts["test"]))
+    return _splits[key][1]

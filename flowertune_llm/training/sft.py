@@ -154,3 +154,21 @@ def train_round(
         seconds=seconds,
         step_seconds=step_timer.seconds,
     )
+
+
+def held_out_loss(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, train: TrainConfig, model_config: ModelConfig
+) -> float:
+    """The mean completion-only loss over ``dataset``, tokenized and batched exactly as training does."""
+    cache_key = (id(dataset), train.seq_length)
+    cached = _tokenized.get(cache_key)
+    eval_dataset = cached[1] if cached and cached[0] is dataset else dataset
+    args = sft_config(train, model_config, 0.0, 0, _UNUSED_OUTPUT_DIR)
+    args.per_device_eval_batch_size = train.training_arguments.per_device_train_batch_size
+    # TRL wants a train dataset even to evaluate; the same one, so it is tokenized once (and cached after).
+    trainer = SFTTrainer(model=model, args=args, train_dataset=eval_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    _tokenized[cache_key] = (dataset, trainer.eval_dataset)
+    loss = trainer.evaluate()["eval_loss"]
+    _remove_input_require_grads_hooks(model)
+    return float(loss)

@@ -13,6 +13,10 @@ is read back from those files through mmap, so the node never holds a second mat
         round-<r>/received/group-<g>-of-<G>/model.safetensors
         round-<r>/update/                 the node's trained update (a safetensors checkpoint)
         round-<r>/source.json             what this round's groups are served from
+        eval-<r>/received/...             round r's new global model, sent for federated evaluation
+
+Only one phase's files are kept at a time: beginning one (training round r, or evaluating its result)
+drops the others, a global model's worth of disk each.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from flowertune_llm.weights.disk import check_disk_space
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter, save_local_checkpoint
 from flowertune_llm.weights.tensors import Piece, TensorSpec, specs_from_json, specs_of, specs_to_json
+
+
+TRAIN, EVAL = "round", "eval"  # the two phases a node holds weights for
 
 
 class WeightSource(Protocol):
@@ -101,15 +108,15 @@ class NodeState:
             write_atomic(marker, str(run_id).encode())
         return cls(root)
 
-    def _round(self, server_round: int) -> Path:
-        return self.root / f"round-{server_round}"
+    def _round(self, server_round: int, phase: str = TRAIN) -> Path:
+        return self.root / f"{phase}-{server_round}"
 
-    def begin_round(self, server_round: int) -> None:
-        """Drop earlier rounds' files: from here on only this round's are served."""
-        for old in self.root.glob("round-*"):
-            if old.name != f"round-{server_round}":
+    def begin_round(self, server_round: int, phase: str = TRAIN) -> None:
+        """Drop every other round's and phase's files: from here on only these are served."""
+        for old in (*self.root.glob(f"{TRAIN}-*"), *self.root.glob(f"{EVAL}-*")):
+            if old != self._round(server_round, phase):
                 shutil.rmtree(old, ignore_errors=True)
-        self._round(server_round).mkdir(parents=True, exist_ok=True)
+        self._round(server_round, phase).mkdir(parents=True, exist_ok=True)
 
     def receive(
         self,
@@ -118,9 +125,10 @@ class NodeState:
         total: int,
         tensors: Mapping[str, torch.Tensor],
         manifest: Mapping[str, TensorSpec] | None,
+        phase: str = TRAIN,
     ) -> None:
         """Store group ``index`` of ``total`` of the global model (the manifest comes with group 0)."""
-        directory = self._round(server_round) / "received"
+        directory = self._round(server_round, phase) / "received"
         directory.mkdir(parents=True, exist_ok=True)
         if manifest is not None:
             needed = sum(spec.nbytes for spec in manifest.values())
@@ -133,9 +141,9 @@ class NodeState:
             for key, tensor in tensors.items():
                 writer.write(Piece(key), tensor)
 
-    def received(self, server_round: int) -> ReceivedGroups | None:
-        """What the server sent this round, if it all arrived."""
-        directory = self._round(server_round) / "received"
+    def received(self, server_round: int, phase: str = TRAIN) -> ReceivedGroups | None:
+        """What the server sent this round (for this phase), if it all arrived."""
+        directory = self._round(server_round, phase) / "received"
         files = sorted(directory.glob("group-*-of-*"))
         if not (directory / "manifest.json").is_file() or not files:
             return None

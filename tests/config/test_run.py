@@ -44,6 +44,8 @@ def test_numbers_are_coerced_where_unambiguous():
         ("aggregation.mode", "per_layer", "allowed: layerwise, all_at_once"),
         ("aggregation.max-message-mb", 0, "must be > 0"),
         ("aggregation.window", 0, "must be >= 1"),
+        ("eval.every-round", -1, "rounds between evaluations, 0 for none"),
+        ("eval.fraction", 1.0, "allowed: 0 < fraction < 1"),
         ("num-server-rounds", 0, "positive integer"),
         ("model.quantization", "4", "expected int"),
         ("model.lora.use-dora", 1, "expected bool"),
@@ -107,3 +109,15 @@ def test_the_cached_parse_is_one_per_run_and_values(monkeypatch):
     assert run_config_of(2, flat) is not first and reads == ["quickstart"] * 2  # a new run parses again
     changed = run_config_of(2, {**flat, "num-server-rounds": 3})
     assert changed.num_server_rounds == 3 and first.num_server_rounds == 8  # never a stale config
+
+
+def test_evaluation_is_due_every_n_rounds_and_after_the_last():
+    config = make_config(**{"num-server-rounds": 7, "eval.every-round": 3})
+    assert [r for r in range(1, 8) if config.eval.due(r, 7)] == [3, 6, 7]
+    assert not any(make_config().eval.due(r, 7) for r in range(1, 8))  # 0: off, the default
+
+
+def test_an_aggregation_only_run_cannot_evaluate():
+    with pytest.raises(ConfigError, match="trains nothing to evaluate") as error:
+        make_config(**{"train.training-arguments.max-steps": 0, "eval.every-round": 1})
+    assert error.value.key == "eval.every-round"

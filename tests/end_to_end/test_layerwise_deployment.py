@@ -17,9 +17,10 @@ import torch
 from flowertune_llm.deploy.federation import LocalFederation
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from testbed.flower import federation_link
+from testbed.models import aggregation_only_run, small_llama
 from testbed.reference import weighted_mean as numpy_mean
 
-from conftest import APP_DIR, aggregation_only_run, files_of, small_llama
+from conftest import APP_DIR, files_of
 
 pytestmark = pytest.mark.deployment
 

@@ -18,8 +18,9 @@ from flowertune_llm.observe.profiling import PROFILE_FILE
 from flowertune_llm.observe.report import load_profile
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from testbed.flower import simulation_superlink
+from testbed.models import aggregation_only_run, small_llama
 
-from conftest import APP_DIR, aggregation_only_run, small_llama
+from conftest import APP_DIR
 
 pytestmark = pytest.mark.simulation
 

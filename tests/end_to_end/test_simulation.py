@@ -59,7 +59,8 @@ def test_history_shows_falling_loss_and_exact_byte_counts(quickstart_run):
     payload = to_record(adapter).count_bytes()
     for record in history:
         assert len(record["nodes"]) == 3 and record["failures"] == {}
-        assert record["bytes_down"] == payload * len(record["nodes"])
+        # The adapter goes down to train, and once more, averaged, to be evaluated; evaluate replies carry none.
+        assert record["bytes_down"] == payload * (len(record["nodes"]) + len(record["eval_nodes"]))
         assert record["bytes_up"] == payload * len(record["aggregated"])
     saved = json.loads((run_dir / "run_config.json").read_text())
     assert saved["num-server-rounds"] == ROUNDS and saved["model.name"] == "builtin:tiny-llama"
@@ -122,14 +123,42 @@ def test_profile_accounts_for_each_round(quickstart_run, tmp_path):
 
     # Client spans nest inside their handler and add up to at most its length.
     spans = [e for e in profile.events if e["kind"] == "span" and e["node"] != "server"]
+    kinds = set()
     for handler in (e for e in spans if e["name"] == "handler"):
+        end = handler["start"] + handler["seconds"]
         children = [e for e in spans if e["parent"] == "handler" and e["node"] == handler["node"]
-                    and e["round"] == handler["round"]]  # fmt: skip
-        assert {c["name"] for c in children} == {"model_load", "adapter_in", "data_load", "train", "adapter_out"}
+                    and handler["start"] <= e["start"] <= end]  # fmt: skip
+        # A training handler, or (eval.every-round=1) an evaluation one.
+        assert {c["name"] for c in children} in ({"model_load", "adapter_in", "data_load", "train", "adapter_out"},
+                                                 {"model_load", "adapter_in", "data_load", "eval"})  # fmt: skip
         assert sum(c["seconds"] for c in children) <= handler["seconds"]
+        kinds.add("eval" if any(c["name"] == "eval" for c in children) else "train")
+    assert kinds == {"train", "eval"}
 
 
 def test_profile_command_reads_the_run(quickstart_run, tmp_path):
     result, run_dir = quickstart_run
     report = profiled_run_report(result.run_id, run_dir, tmp_path)
     assert report["run_dir"] == str(run_dir) and len(report["rounds"]) == ROUNDS and len(report["nodes"]) == 3
+
+
+def test_federated_evaluation_scores_each_round_on_held_out_examples_never_trained_on(quickstart_run):
+    from flowertune_llm.training.data import load_partition, split_held_out
+
+    _, run_dir = quickstart_run
+    history = json.loads((run_dir / "history.json").read_text())
+    # eval.fraction=0.2 of partitions of 234, 233 and 233 examples: 47 held out on each node.
+    assert all(r["eval_loss"] > 0 and r["eval_examples"] == 3 * 47 and r["eval_failures"] == {} for r in history)
+    assert all(sorted(r["eval_nodes"]) == sorted(r["aggregated"]) for r in history)
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]  # the held-out loss falls with training
+    # Each node trained on what it did not hold out: its spans count 187 or 186 examples trained, 47 evaluated.
+    spans = [e for e in load_profile(run_dir / "profile.jsonl").events if e.get("name") == "data_load"]
+    parents = {e["parent"] for e in spans}
+    assert parents == {"handler"}
+    assert sorted({e["examples"] for e in spans}) == [47, 186, 187]
+    # And the split those counts come from holds out a disjoint share, the same in every process.
+    partition = load_partition(QUICKSTART.dataset, 0, 3)
+    rows = partition.add_column("row", list(range(len(partition))))  # the split depends on length and seed only
+    train, held = split_held_out(rows, 0.2, QUICKSTART.train.seed)
+    assert not set(train["row"]) & set(held["row"]) and len(train) + len(held) == len(partition)
+    assert split_held_out(partition, 0.2, QUICKSTART.train.seed)[1]["prompt"] == held["prompt"]

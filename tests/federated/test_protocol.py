@@ -60,6 +60,14 @@ def test_send_asks_for_keys_and_its_reply_carries_them():
     assert protocol.SendRes.from_content(protocol.SendRes(ARRAYS).to_content()).arrays is ARRAYS
 
 
+def test_evaluation_brings_the_last_group_and_returns_a_loss_over_examples():
+    ins = protocol.EvaluateIns(protocol.Header(6), protocol.Group(2, 3, ARRAYS))
+    got = protocol.EvaluateIns.from_content(through_flower(ins.to_content(), protocol.EVALUATE))
+    assert got.header.server_round == 6 and (got.group.index, got.group.count) == (2, 3)
+    reply = protocol.EvaluateRes.from_content(through_flower(protocol.EvaluateRes(2.75, 47).to_content(), protocol.EVALUATE))
+    assert reply == protocol.EvaluateRes(2.75, 47) and protocol.arrays_of(protocol.EvaluateRes(1.0, 1).to_content()) is None
+
+
 def test_every_instruction_says_its_round_and_whether_to_profile():
     for ins in (protocol.ReceiveIns(protocol.Header(5, True), protocol.Group(1, 2, ARRAYS)),
                 protocol.TrainIns(protocol.Header(5, True), 1e-3, []), protocol.SendIns(protocol.Header(5, True), [])):  # fmt: skip

@@ -213,16 +213,16 @@ def test_checkpoints_every_n_rounds_and_after_the_last(tmp_path):
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5] and all(r["train_loss"] is None for r in history)
 
 
-def adapter_run(tmp_path, mode):
+def adapter_run(tmp_path, mode, behaviours=None, **overrides):
     config = make_config(**{"num-server-rounds": 2, "train.save-every-round": 1, "strategy.fraction-train": 1.0,
-                            "aggregation.mode": mode, "aggregation.max-message-mb": 2 / 1024})  # fmt: skip
+                            "aggregation.mode": mode, "aggregation.max-message-mb": 2 / 1024, **overrides})  # fmt: skip
     torch.manual_seed(0)  # the initial adapter (LoRA A is random)
     state = models.get_adapter_state(models.build_peft_model(config.model))
     exchange = Exchange.for_adapter(config, specs_of(state), models.lora_config(config.model))
     run_dir = RunDirectory.create(tmp_path / mode, 7, {})
     nodes = {k: InProcessNode(to_flat_dict(config), k, {"partition-id": k - 1, "num-partitions": 4, "state-dir": str(tmp_path / mode)})
              for k in (1, 2)}  # fmt: skip
-    grid = ScriptedGrid(nodes)
+    grid = ScriptedGrid({k: (behaviours or {}).get(k, lambda n: n)(node) for k, node in nodes.items()})
     strategy = StreamingFedAvg(config, run_dir, exchange)
     final = strategy.run(grid, exchange.write(run_dir.checkpoint_dir(0), state))
     return config, strategy, grid, state, final
@@ -242,3 +242,27 @@ def test_adapter_rounds_train_and_both_modes_write_the_same_peft_adapter(tmp_pat
     trained = read(layer_final)
     assert trained.keys() == state.keys() and any(not torch.equal(trained[k], state[k]) for k in state)
     assert not layer_final.with_name("round-0").exists()  # the initial adapter was scratch
+
+
+def test_federated_evaluation_scores_the_new_global_model_the_same_way_in_both_modes(tmp_path):
+    settings = {"num-server-rounds": 3, "eval.every-round": 2, "eval.fraction": 0.25}
+    _, layer, grid, _, _ = adapter_run(tmp_path, "layerwise", **settings)
+    _, whole, _, _, _ = adapter_run(tmp_path, "all_at_once", **settings)
+    # Rounds 2 and 3 (every second round, and the last); 175 examples per partition, 44 held out on each node.
+    assert [r.eval_loss is not None for r in layer.history] == [False, True, True]
+    assert [r.eval_loss for r in layer.history] == [r.eval_loss for r in whole.history]
+    assert all(r.eval_examples == 88 and r.eval_nodes == [1, 2] for r in layer.history[1:])
+    types = [m.metadata.message_type for m in grid.sent]
+    assert protocol.EVALUATE_RECEIVE in types and types.count(protocol.EVALUATE) == 2 * 2
+    # The adapter goes down once more per evaluation, and those bytes are the round's too.
+    assert layer.history[1].bytes_down > layer.history[0].bytes_down
+
+
+def test_a_node_failing_to_evaluate_is_named_and_training_goes_on(tmp_path, caplog):
+    _, strategy, _, _, final = adapter_run(tmp_path, "layerwise", {2: fails_on(protocol.EVALUATE)},
+                                           **{"eval.every-round": 1, "eval.fraction": 0.25})  # fmt: skip
+    for record in strategy.history:
+        assert record.failures == {} and record.aggregated == [1, 2]  # training is untouched
+        assert "CUDA out of memory" in record.eval_failures["2"] and record.eval_nodes == [1]
+        assert record.eval_examples == 44 and record.eval_loss > 0
+    assert "node 2 not evaluated" in caplog.text and final.name == "round-2"

@@ -6,7 +6,13 @@ import pytest
 from datasets import Dataset
 
 from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError
-from flowertune_llm.training.data import check_local_dataset, format_dataset, load_node_dataset, load_partition
+from flowertune_llm.training.data import (
+    check_local_dataset,
+    format_dataset,
+    load_node_dataset,
+    load_partition,
+    split_held_out,
+)
 from flowertune_llm.training.templates import ALPACA_PREAMBLE
 
 # One record shaped like each challenge's training set (same columns, similar content, our own words).
@@ -148,3 +154,21 @@ def test_a_node_trains_on_its_own_file_when_its_config_names_one(tmp_path):
 def test_a_node_whose_data_cannot_be_found_names_the_key_and_path(node_config, message):
     with pytest.raises(NodeConfigError, match=message):
         load_node_dataset(DatasetConfig("builtin:instructions", "alpaca"), NodeConfig.parse(node_config))
+
+
+def test_a_held_out_share_is_disjoint_from_training_and_the_same_every_time():
+    partition = load_partition(DatasetConfig("builtin:instructions", "alpaca"), 1, 4)
+    with_index = partition.add_column("row", list(range(len(partition))))
+    train, held = split_held_out(with_index, 0.1, seed=42)
+    assert len(held) == 18 and len(train) == len(partition) - 18  # ceil(175 * 0.1)
+    assert not set(train["row"]) & set(held["row"]) and set(train["row"]) | set(held["row"]) == set(range(175))
+    assert split_held_out(with_index, 0.1, seed=42) == (train, held)  # the same objects: tokenized once
+    other = split_held_out(with_index.select(range(175)), 0.1, seed=42)[1]  # another process's copy, same seed
+    assert other["row"] == held["row"]
+    assert split_held_out(with_index.select(range(175)), 0.1, seed=7)[1]["row"] != held["row"]
+
+
+def test_a_node_too_small_to_hold_out_and_train_says_so():
+    tiny = Dataset.from_list([{"prompt": "p", "completion": "c"}])
+    with pytest.raises(ValueError, match="eval.fraction=0.5 of this node's 1 examples leaves 1 to evaluate and 0 to train"):
+        split_held_out(tiny, 0.5, seed=0)

@@ -7,7 +7,7 @@ import torch
 
 from flowertune_llm.weights.groups import plan_groups
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
-from flowertune_llm.weights.node_state import NodeState, ReceivedGroups
+from flowertune_llm.weights.node_state import EVAL, NodeState, ReceivedGroups
 from flowertune_llm.weights.tensors import specs_of
 
 from conftest import assert_bit_equal, model_state, pieces_of
@@ -85,3 +85,17 @@ def test_a_node_short_of_disk_refuses_the_model_before_storing_any_of_it(tmp_pat
     with pytest.raises(OSError, match="not enough disk space for the global model this node receives"):
         receive_all(node, 1, state)
     assert not list((node.root / "round-1").rglob("*.safetensors"))
+
+
+def test_evaluating_a_rounds_result_keeps_it_apart_from_that_rounds_training(tmp_path):
+    trained_on, to_evaluate = model_state(torch.bfloat16, seed=1), model_state(torch.bfloat16, seed=2)
+    node = NodeState.open(1, 5, tmp_path)
+    node.begin_round(3)
+    receive_all(node, 3, trained_on)
+    groups = plan_groups(specs_of(to_evaluate), 300)
+    node.begin_round(3, EVAL)  # round 3's training is over: its files go, the new global model comes
+    for index, group in enumerate(groups):
+        node.receive(3, index, len(groups), pieces_of(to_evaluate, group), specs_of(to_evaluate) if index == 0 else None, EVAL)
+    assert node.received(3) is None and [p.name for p in node.root.glob("*-3")] == ["eval-3"]
+    with node.received(3, EVAL) as received:
+        assert_bit_equal(received.state(), to_evaluate)
