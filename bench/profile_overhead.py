@@ -42,14 +42,20 @@ def run_once(link, output_dir: Path, profiled: bool) -> dict:
         ROOT, run_config=f"preset='quickstart' output.dir='{output_dir}' profile.enabled={str(profiled).lower()}"
     )
     run_seconds = time.perf_counter() - start
-    history = json.loads((output_dir / str(result.run_id) / "history.json").read_text())
-    return {
+    run_dir = output_dir / str(result.run_id)
+    history = json.loads((run_dir / "history.json").read_text())
+    row = {
         "profiled": profiled,
         "run_id": result.run_id,
         "run_seconds": run_seconds,
         "round_seconds": sum(r["seconds"] for r in history),
-        "profile_written": (output_dir / str(result.run_id) / "profile.jsonl").exists(),
+        "profile_written": (run_dir / "profile.jsonl").exists(),
     }
+    if profiled:  # what the profile measured: each process's peak resident memory over the run
+        rounds = json.loads((run_dir / "profile_summary.json").read_text())["rounds"]
+        row["server_peak_rss_mib"] = max(r["server_peak_rss_mb"] for r in rounds)
+        row["client_peak_rss_mib"] = max(r["client_peak_rss_mb"] for r in rounds)
+    return row
 
 
 def recording_cost(profile_path: Path, tmp: Path) -> dict:
@@ -102,6 +108,9 @@ def readme_block(report: dict, results_file: str) -> str:
         f"{cost['events_per_round']:.0f} events at {cost['seconds_per_event'] * 1e6:.1f} µs each, "
         f"{cost['seconds_per_round'] * 1e3:.2f} ms per round = "
         f"{cost['share_of_median_round']:.3%} of the median unprofiled round.",
+        "",
+        f"Peak resident memory of the profiled runs: ServerApp {report['peak_rss_mib']['server']:.0f} MiB, each "
+        f"ClientApp (a Ray actor with the model loaded) {report['peak_rss_mib']['client']:.0f} MiB.",
     ])  # fmt: skip
 
 
@@ -132,6 +141,7 @@ def main() -> None:
         "run_seconds": overhead(runs, "run_seconds"),
         "round_seconds": overhead(runs, "round_seconds"),
         "recording_cost": cost,
+        "peak_rss_mib": {side: max(r[f"{side}_peak_rss_mib"] for r in runs if r["profiled"]) for side in ("server", "client")},
     }
     cost["share_of_median_round"] = cost["seconds_per_round"] / (
         payload["round_seconds"]["median_off"] / QUICKSTART_ROUNDS

@@ -8,10 +8,9 @@ defaults < preset < what the user set.
 from __future__ import annotations
 
 import logging
+import tomllib
 from pathlib import Path
 from typing import Any, Mapping
-
-import tomllib
 
 from flowertune_llm.config.errors import ConfigError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,6 @@ def write_cli_connection(
 
     A missing file starts as the one the ``flwr`` CLI would create (with its ``local`` connection).
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
     path = Path(flwr_home) / "config.toml"
     if path.is_file():
         text = path.read_text()

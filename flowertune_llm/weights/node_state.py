@@ -37,7 +37,6 @@ from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter, save_local_checkpoint
 from flowertune_llm.weights.tensors import Piece, TensorSpec, specs_from_json, specs_of, specs_to_json
 
-
 TRAIN, EVAL = "round", "eval"  # the two phases a node holds weights for
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 from transformers import LlamaConfig, Phi3Config, PretrainedConfig, xLSTMConfig
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import tomllib
+
+import pytest
 
 from flowertune_llm.deploy.cli_config import node_config_arg, toml_value, write_cli_connection
 
