@@ -23,11 +23,14 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def chat(args: argparse.Namespace) -> int:
+    from flowertune_llm.training.adapters import AdapterError, check_adapter
     from flowertune_llm.training.inference import answer, load_adapter_model
     from flowertune_llm.training.templates import chat_template
 
-    if not (Path(args.peft_path) / "adapter_config.json").is_file():
-        print(f"error: --peft-path {args.peft_path} has no adapter_config.json", file=sys.stderr)
+    try:
+        check_adapter(Path(args.peft_path), None)
+    except (AdapterError, ValueError) as error:  # a truncated file is a ValueError naming it
+        print(f"error: {error}", file=sys.stderr)
         return 2
     model, tokenizer = load_adapter_model(args.peft_path, args.quantization, args.dtype)
     print(answer(model, tokenizer, args.question, chat_template(args.template), args.max_new_tokens, args.temperature))

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from flowertune_llm.config import NodeConfig
 from flowertune_llm.deploy import worker
-from flowertune_llm.federated import profile_mod
+from flowertune_llm.federated import profile_mod, protocol
 
 app = ClientApp(mods=[profile_mod.profiling_mod])
 
@@ -58,3 +58,10 @@ def evaluate_receive(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Take the last group and answer with the global model's loss on this node's held-out examples."""
     return _answer(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The node's name across runs (its partition, else its node id), asked once per run: no worker needed."""
+    name = NodeConfig.parse(context.node_config).name(context.node_id)
+    return Message(protocol.QueryRes(name).to_content(), reply_to=msg)

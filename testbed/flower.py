@@ -136,6 +136,11 @@ class SuperLinkHandle:
         going after `timeout` seconds is stopped and raises `FlowerHarnessError`.
         """
         deadline = time.monotonic() + timeout
+        run_id = self.start_app(app_dir, run_config, federation_config)
+        return self.finish(run_id, max(1.0, deadline - time.monotonic()), check)
+
+    def start_app(self, app_dir: Path, run_config: str | None = None, federation_config: str | None = None) -> int:
+        """Submit `app_dir` and return its run id at once (`flwr run` without `--stream`)."""
         args = ["run", str(app_dir), self.connection, "--format", "json"]
         if run_config is not None:
             args += ["--run-config", run_config]
@@ -147,14 +152,13 @@ class SuperLinkHandle:
                 f"flwr run failed: {started.get('error-message')}\n"
                 f"--- superlink log (tail) ---\n{self.log_tail()}"
             )
-        run_id = int(started["run-id"])
+        return int(started["run-id"])
 
+    def finish(self, run_id: int, timeout: float = 600, check: bool = True) -> RunResult:
+        """Wait for run `run_id` to end; its status and log."""
         try:
             # The server closes the stream once the run's status is `finished`.
-            streamed = self.flwr(
-                "log", str(run_id), self.connection, "--stream",
-                timeout=max(1.0, deadline - time.monotonic()),
-            )  # fmt: skip
+            streamed = self.flwr("log", str(run_id), self.connection, "--stream", timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             with contextlib.suppress(Exception):
                 self.flwr("stop", str(run_id), self.connection, timeout=30)

@@ -158,7 +158,18 @@ def record_a_round(recorder: Recorder, server_round: int) -> None:
 
 # --- a real run, shared ---
 
-QUICKSTART_ROUNDS = 3
+QUICKSTART_ROUNDS = 4
+
+
+QUICKSTART_FEDERATION = "num-supernodes=3 client-resources-num-cpus=1"
+
+
+def quickstart_config(output_dir: Path, **extra: object) -> str:
+    """The shared run's config: the quickstart preset, its rounds, output directory, evaluation and profile."""
+    settings = {"preset": "'quickstart'", "num-server-rounds": QUICKSTART_ROUNDS, "train.save-every-round": 2,
+                "output.dir": f"'{output_dir}'", "profile.enabled": "true", "eval.every-round": 1,
+                "eval.fraction": 0.2, **extra}  # fmt: skip
+    return " ".join(f"{key}={value}" for key, value in settings.items())
 
 
 @pytest.fixture(scope="session")
@@ -167,15 +178,7 @@ def quickstart_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("simulation")
     output_dir = tmp_path / "runs"
     with simulation_superlink(tmp_path) as link:
-        # The quickstart preset, with the round count and output directory overridden on the command line.
-        result = link.run_app(
-            APP_DIR,
-            run_config=(
-                f"preset='quickstart' num-server-rounds={QUICKSTART_ROUNDS} train.save-every-round=2 "
-                f"output.dir='{output_dir}' profile.enabled=true eval.every-round=1 eval.fraction=0.2"
-            ),
-            federation_config="num-supernodes=3 client-resources-num-cpus=1",
-        )
+        result = link.run_app(APP_DIR, run_config=quickstart_config(output_dir), federation_config=QUICKSTART_FEDERATION)
     return result, output_dir / str(result.run_id)
 
 

@@ -65,6 +65,10 @@ class NodeConfig:
             values[fields[key].name] = _convert(key, value, fields[key].type)
         return cls(**values)
 
+    def name(self, node_id: int) -> str:
+        """The node's name across runs (federated/roster.py): its partition, else its Flower node id."""
+        return f"partition-{self.partition_id}" if self.partition_id is not None else f"node-{node_id}"
+
     def partition(self) -> tuple[int, int]:
         """``(partition-id, num-partitions)``, or an error naming what is missing."""
         for key, value in (("partition-id", self.partition_id), ("num-partitions", self.num_partitions)):

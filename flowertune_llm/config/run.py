@@ -74,6 +74,7 @@ class ModelConfig:
     dtype: str
     device_map: str  # "auto": the GPU Flower/Ray assigned when there is one, else the CPU
     gradient_checkpointing: bool
+    init_adapter: str  # a PEFT adapter directory round 1 starts from; "" for PEFT's initialisation (seeded)
     lora: LoraSettings
 
     def __post_init__(self) -> None:
@@ -116,7 +117,8 @@ class TrainConfig:
     learning_rate_max: float
     learning_rate_min: float
     seq_length: int
-    seed: int
+    seed: int  # the initial adapter, partitions, held-out split, node sampling, and each round's batches
+    deterministic: bool  # PyTorch's deterministic algorithms (GPU: slower); CPU runs repeat bit for bit anyway
     training_arguments: TrainingArguments
 
     def __post_init__(self) -> None:
@@ -219,6 +221,7 @@ class ProfileConfig:
 class RunConfig:
     PREFIX: ClassVar[str] = ""
     preset: str
+    resume_from: str  # a run directory or run id to continue from its last kept checkpoint; "" for a new run
     num_server_rounds: int
     model: ModelConfig
     train: TrainConfig

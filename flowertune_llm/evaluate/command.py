@@ -21,6 +21,7 @@ from flowertune_llm.atomic import write_atomic, write_json
 from flowertune_llm.evaluate import benchmarks as registry
 from flowertune_llm.evaluate import programs, sandbox, scoring, sources
 from flowertune_llm.evaluate.benchmarks import Benchmark, Example
+from flowertune_llm.training.adapters import check_adapter
 from flowertune_llm.units import MiB
 
 DEFAULT_BATCH = {"general-nlp": 16, "finance": 32, "medical": 16, "code": 4}  # the leaderboard's commands
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             examples = build_examples(chosen, args.data_dir, args.limit, skipped)
             generated = generate(args, base_model, chosen, examples, output)
-    except (EvaluationError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = score(args, base_model, chosen, generated, skipped)
@@ -71,32 +72,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- before any model loads ------------------------------------------------------------------------------------
-
-
-def check_adapter(peft_path: Path, base_model: str | None) -> str:
-    """The adapter's files are there and readable; returns the base model to load."""
-    from flowertune_llm.weights.tensors import read_file_header
-
-    config_path = peft_path / "adapter_config.json"
-    if not config_path.is_file():
-        raise EvaluationError(f"--peft-path {peft_path}: no adapter_config.json (expected <run dir>/checkpoints/round-N)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{config_path}: not valid JSON ({error.msg})") from None
-    weights = peft_path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise EvaluationError(f"--peft-path {peft_path}: no adapter_model.safetensors")
-    header, data_start = read_file_header(weights)  # a truncated or corrupt file is named here
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if data_start + end != weights.stat().st_size:
-        raise EvaluationError(f"{weights}: {weights.stat().st_size} bytes, its header describes {data_start + end} (truncated?)")
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise EvaluationError(f"{config_path}: no base_model_name_or_path; give --base-model")
-    from flowertune_llm.training.models import resolve_model_path
-
-    return resolve_model_path(base)
 
 
 def default_output(peft_path: Path | None, challenge: str) -> Path:
@@ -203,7 +178,7 @@ def score(args: argparse.Namespace, base_model: str | None, chosen: Sequence[Ben
         "peft_path": str(args.peft_path.resolve()) if args.peft_path else None,
         "base_model": base_model,
         "communication_mb": communication_mb(args.peft_path),
-        "sandbox": sandbox.isolation() if args.challenge == "code" else None,
+        "sandbox": {"isolation": sandbox.isolation(), "process_limit": sandbox.process_limit()} if args.challenge == "code" else None,
         "limit": args.limit,
     }
 

@@ -1,11 +1,11 @@
 """Inside a sandbox's namespaces, before the program runs: make every mount read-only but the work directory,
 set the resource limits, and exec the program.
 
-Started by sandbox.py as ``unshare --user --map-root-user --net --mount --pid --fork --mount-proc python -I -S
-jail.py WORKDIR MEMORY_MB PROCESSES FILE_MB -- PROGRAM...``; standalone on purpose (no package import, so it
-starts in a few milliseconds). Being root in a new user namespace grants nothing outside it: the mounts
-made read-only here are this namespace's view, and RLIMIT_NPROC applies because the process holds no
-capability in the initial namespace.
+Started by sandbox.py as ``[setpriv --reuid=nobody] unshare --user --map-root-user --net --mount --pid --fork
+--mount-proc python -I -S jail.py WORKDIR MEMORY_MB PROCESSES FILE_MB -- PROGRAM...``; standalone on purpose
+(no package import, so it starts in a few milliseconds). Being root in a new user namespace grants nothing
+outside it: the mounts made read-only here are this namespace's view. PROCESSES is the RLIMIT_NPROC value,
+counted by the caller on the host (this namespace's /proc shows only its own processes).
 """
 
 import ctypes
@@ -48,17 +48,6 @@ def _read_only_except(workdir: str) -> None:
         _mount("none", point, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
 
 
-def _own_processes() -> int:
-    uid, count = os.getuid(), 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except OSError:
-                pass
-    return count
-
-
 def main() -> None:
     workdir, memory_mb, processes, file_mb, separator, *program = sys.argv[1:]
     if separator != "--" or not program:
@@ -69,9 +58,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (int(memory_mb) * mib,) * 2)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(file_mb) * mib,) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # Counted per user across the system: this namespace's new PIDs are on top of what runs now.
-    limit = _own_processes() + int(processes)
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_NPROC, (int(processes), int(processes)))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     os.execvpe(program[0], program, env)
 

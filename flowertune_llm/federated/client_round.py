@@ -46,6 +46,8 @@ class NodeRound:
 
 def handle(message_type: str, content: RecordDict, node_round: NodeRound, profile: Profiler) -> RecordDict:
     """Answer one message of a round (its type says which part); returns the reply's content."""
+    if message_type == protocol.QUERY:  # the ClientApp answers this one itself, without this module's imports
+        return protocol.QueryRes(node_round.node.name(node_round.node_id)).to_content()
     state = NodeState.open(node_round.run_id, node_round.node_id, node_round.node.state_dir)
     if message_type in (protocol.RECEIVE, protocol.EVALUATE_RECEIVE):
         ins = protocol.ReceiveIns.from_content(content)

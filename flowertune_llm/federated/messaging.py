@@ -7,6 +7,7 @@ are counted (each message once, in full, as ``ArrayRecord.count_bytes()`` counts
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -81,7 +82,7 @@ class Messenger:
 
     def _received(self, reply: Message, node: int, decode: Decode) -> Update[int]:
         if reply.has_error():
-            return Update(node, problem=f"client error {reply.error.code}: {reply.error.reason}")
+            return Update(node, problem=short_reason(f"client error {reply.error.code}: {reply.error.reason}"))
         content = reply.content
         for event in events_of(content):
             self.profile.emit({**event, "node": node, "round": self.bill.round})
@@ -92,6 +93,17 @@ class Messenger:
             self.profile.emit({"kind": "message", "node": node, "direction": "up", "bytes": size})
         with self.profile.span("decode", from_node=node):
             return decode(content, node)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REASON_CHARACTERS = 300
+
+
+def short_reason(text: str) -> str:
+    """A failure as history.json keeps it: without terminal colours, on one line, at most 300 characters (a
+    node's whole traceback stays in its own log: the worker log in deployment, Flower's in simulation)."""
+    text = " ".join(_ANSI.sub("", text).split())
+    return text if len(text) <= REASON_CHARACTERS else text[: REASON_CHARACTERS - 1] + "…"
 
 
 class Window:

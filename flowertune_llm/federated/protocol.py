@@ -9,6 +9,11 @@ A round between the server and one node (federated/strategy.py drives it, federa
     server -> node   train.send      SendIns      the keys of the update's next group
     node -> server                   SendRes      those tensors
 
+once per node and run, before its first round (federated/roster.py)::
+
+    server -> node   query             QueryIns    what is your name?
+    node -> server                     QueryRes    partition-<i>, or node-<id>
+
 and, in rounds with federated evaluation (``eval.every-round``), for the round's new global model::
 
     server -> node   evaluate.receive  ReceiveIns  a group of the global model (all but the last)
@@ -43,6 +48,7 @@ TRAIN = "train"
 SEND = "train.send"
 EVALUATE_RECEIVE = "evaluate.receive"
 EVALUATE = "evaluate"
+QUERY = "query"
 
 # Records of a content.
 _ARRAYS, _CONFIG, _METRICS, _PROFILE = "arrays", "config", "metrics", "profile"
@@ -52,6 +58,7 @@ _GROUP, _GROUPS, _MANIFEST = "group", "groups", "manifest"
 _LEARNING_RATE, _REPLY_KEYS, _KEYS = "learning-rate", "reply-keys", "keys"
 _WEIGHT, _TRAIN_LOSS, _STEP_SECONDS = "weight", "train-loss", "step-seconds"
 _EVAL_LOSS, _EXAMPLES = "eval-loss", "examples"
+_NAME = "name"
 _EVENTS = "events"
 
 
@@ -264,6 +271,28 @@ class EvaluateRes:
     def from_content(cls, content: RecordDict) -> EvaluateRes:
         metrics = _record(content, _METRICS)
         return cls(float(_value(metrics, _EVAL_LOSS, _METRICS)), int(_value(metrics, _EXAMPLES, _METRICS)))
+
+
+@dataclass(frozen=True)
+class QueryIns:
+    """``query``: the node's stable name."""
+
+    header: Header
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({_CONFIG: ConfigRecord(self.header.to_config())})
+
+
+@dataclass(frozen=True)
+class QueryRes:
+    name: str
+
+    def to_content(self) -> RecordDict:
+        return RecordDict({_CONFIG: ConfigRecord({_NAME: self.name})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> QueryRes:
+        return cls(str(_value(_record(content, _CONFIG), _NAME, _CONFIG)))
 
 
 def arrays_of(content: RecordDict) -> ArrayRecord | None:

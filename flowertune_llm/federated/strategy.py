@@ -22,6 +22,10 @@ group is written to the round's checkpoint and freed, so the server holds one gr
 replies in flight, never the model. ``all_at_once`` is the same loop with one group whose replies are
 all held before averaging. The global model between rounds is the previous round's checkpoint on disk,
 read back through mmap.
+
+Nodes are sampled and folded in the order of their names (federated/roster.py), and every kept checkpoint
+carries the sampler's state, so a run repeats bit for bit and a stopped one resumes exactly
+(federated/resume.py).
 """
 
 from __future__ import annotations
@@ -33,19 +37,21 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
+from flowertune_llm.atomic import write_json
 from flowertune_llm.config import RunConfig
 from flowertune_llm.federated import protocol
+from flowertune_llm.federated.history import History, RoundRecord
 from flowertune_llm.federated.messaging import Messenger, Pending, TooFewNodes, Window, wait_for_nodes
+from flowertune_llm.federated.resume import STATE_FILE, Resume, restore_sampler, sampler_state
+from flowertune_llm.federated.roster import Roster
 from flowertune_llm.federated.run_directory import RunDirectory
 from flowertune_llm.federated.schedule import cosine_annealing
 from flowertune_llm.observe.profiling import OFF, Profiler
-from flowertune_llm.units import MiB
 from flowertune_llm.weights.disk import check_disk_space
 from flowertune_llm.weights.exchange import Exchange
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
@@ -55,74 +61,50 @@ from flowertune_llm.weights.transport import from_record, to_record
 
 log = logging.getLogger(f"flwr.{__name__}")  # a child of Flower's logger, so `flwr log` shows it
 
-# The FlowerTune leaderboard caps a run's total communication at 200,000 MB.
-COMMUNICATION_BUDGET_MB = 200_000
-
-
-@dataclass
-class RoundRecord:
-    """One round, as ``history.json`` keeps it."""
-
-    round: int
-    learning_rate: float
-    train_loss: float | None = None  # None in aggregation-only runs
-    nodes: list[int] = field(default_factory=list)  # sampled this round
-    aggregated: list[int] = field(default_factory=list)  # whose update made it into the mean
-    failures: dict[str, str] = field(default_factory=dict)  # node id -> why it was left out
-    groups: int = 0
-    restarts: int = 0  # a node failed after its share was folded: the round restarted without it
-    bytes_down: int = 0  # counted by federated/messaging.py, each message in full (evaluation included)
-    bytes_up: int = 0
-    seconds: float = 0.0
-    eval_loss: float | None = None  # the global model's held-out loss after this round, weighted by examples
-    eval_examples: int = 0
-    eval_nodes: list[int] = field(default_factory=list)  # whose loss is in eval_loss
-    eval_failures: dict[str, str] = field(default_factory=dict)
-
-    def leave_out(self, node: int, reason: str, failures: dict[str, str] | None = None) -> None:
-        failures = self.failures if failures is None else failures
-        if str(node) not in failures:
-            failures[str(node)] = reason
-            what = "left out" if failures is self.failures else "not evaluated"
-            log.warning("Round %d: node %d %s: %s", self.round, node, what, reason)
-
-
 class RoundFailed(RuntimeError):
     """Fewer usable updates than ``strategy.min-train-nodes``: the run stops rather than average too few."""
 
 
 class StreamingFedAvg:
-    def __init__(self, config: RunConfig, run_dir: RunDirectory, exchange: Exchange, profile: Profiler = OFF):
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, exchange: Exchange, profile: Profiler = OFF,
+                 resume: Resume | None = None):  # fmt: skip
         self.config = config
         self.run_dir = run_dir
         self.exchange = exchange
         self.profile = profile
-        self.history: list[RoundRecord] = []
+        self.resume = resume
+        self.history = resume.history if resume else History()
+        self.roster = Roster()
         self._rng = random.Random(config.train.seed)
-        self._budget_warned = False
+        if resume:
+            restore_sampler(self._rng, resume.sampler)
 
     @property
     def total_bytes(self) -> int:
-        return sum(r.bytes_down + r.bytes_up for r in self.history)
+        return self.history.total_bytes
 
     def run(self, grid: Grid, initial: Path | None) -> Path:
-        """Run every round from the global model at ``initial`` (None: the nodes' own copies); return the last."""
-        current = initial
-        for server_round in range(1, self.config.num_server_rounds + 1):
+        """Run every round from the global model at ``initial`` (None: the nodes' own copies), or from where the
+        resumed run stopped; return the last round's checkpoint."""
+        current, first = (self.resume.checkpoint, self.resume.round + 1) if self.resume else (initial, 1)
+        for server_round in range(first, self.config.num_server_rounds + 1):
             record = RoundRecord(server_round, self._learning_rate(server_round), groups=len(self.exchange.groups))
             self.history.append(record)
             self.profile.round = server_round
             with self.profile.span("round"):
                 start = time.monotonic()
                 try:
-                    output = self._round(grid, current, record)
+                    output, aggregated = self._round(grid, current, record)
                     if self.config.eval.due(server_round, self.config.num_server_rounds):
-                        self._evaluate(grid, output, record)
+                        self._evaluate(grid, output, record, aggregated)
                 finally:
                     record.seconds = time.monotonic() - start
                     with self.profile.span("history"):
-                        self.run_dir.save_history([asdict(r) for r in self.history])
-            self._log_round(record)
+                        self.run_dir.save_history(self.history.as_json())
+            self.history.report(record, self.config.num_server_rounds)
+            if self._kept(server_round):
+                # Last, once the round's history is saved: a checkpoint with this file is one to resume from.
+                write_json(output / STATE_FILE, {"round": server_round, "sampler": sampler_state(self._rng)})
             if current is not None and not self._kept(server_round - 1):
                 shutil.rmtree(current)  # the previous global model, superseded and not a saved checkpoint
             current = output
@@ -144,17 +126,18 @@ class StreamingFedAvg:
 
     # --- one round ---------------------------------------------------------------------------------------------
 
-    def _round(self, grid: Grid, current: Path | None, record: RoundRecord) -> Path:
+    def _round(self, grid: Grid, current: Path | None, record: RoundRecord) -> tuple[Path, list[int]]:
+        """One round's sampling, exchanges and mean; returns its checkpoint and the nodes whose updates it holds."""
         messages = Messenger(grid, self.config.strategy.round_timeout, self.profile, record)
         target = self.run_dir.checkpoint_dir(record.round)
         with self.profile.span("configure"):
-            record.nodes = self._sample(grid)
             # Before anything moves: a round whose output cannot be written is not started.
             check_disk_space(target.parent, self.exchange.layout.total_bytes, what=f"the round-{record.round} checkpoint")
+            nodes = self._sample(grid, messages, record)
+            record.nodes = self.roster.names(nodes)
 
         source = LocalCheckpoint(current) if current is not None else nullcontext(None)
         with source as global_model:
-            nodes = record.nodes
             if global_model is not None:
                 nodes = self._send_down(messages, global_model, record, nodes, protocol.RECEIVE, record.failures)
             trained = messages.push(protocol.TRAIN, self._train_ins(global_model, record), nodes)
@@ -168,28 +151,31 @@ class StreamingFedAvg:
             )  # fmt: skip
         except TooFewClients as failure:
             for node, reason in failure.left_out.items():
-                record.leave_out(node, reason)
+                record.leave_out(self.roster.name(node), reason)
             raise RoundFailed(
                 f"round {record.round}: {failure.usable} usable update(s), fewer than strategy.min-train-nodes="
                 f"{self.config.strategy.min_train_nodes}; left out: {record.failures or 'none'}"
             ) from None
         for node, reason in result.left_out.items():
-            record.leave_out(node, reason)
-        record.aggregated, record.restarts = result.aggregated, result.restarts
+            record.leave_out(self.roster.name(node), reason)
+        record.aggregated, record.restarts = self.roster.names(result.aggregated), result.restarts
         if losses:
             total = sum(result.weights.values())
             record.train_loss = sum(losses[n] * result.weights[n] for n in result.aggregated) / total
-        return target
+        return target, result.aggregated
 
-    def _sample(self, grid: Grid) -> list[int]:
-        """``fraction-train`` of the connected nodes, at least ``min-train-nodes``, waiting for that many to connect."""
+    def _sample(self, grid: Grid, messages: Messenger, record: RoundRecord) -> list[int]:
+        """``fraction-train`` of the connected nodes, at least ``min-train-nodes``, waiting for that many to
+        connect; drawn from, and returned in, the order of their names."""
         strategy = self.config.strategy
         try:
             node_ids = wait_for_nodes(grid, strategy.min_train_nodes, strategy.round_timeout, log)
         except TooFewNodes as error:
             raise RoundFailed(f"{error}; strategy.min-train-nodes={strategy.min_train_nodes}") from None
-        size = min(len(node_ids), max(int(len(node_ids) * strategy.fraction_train), strategy.min_train_nodes))
-        return sorted(self._rng.sample(node_ids, size))
+        self.roster.learn(messages, node_ids, self.header(record))
+        ordered = self.roster.ordered(node_ids)
+        size = min(len(ordered), max(int(len(ordered) * strategy.fraction_train), strategy.min_train_nodes))
+        return self.roster.ordered(self._rng.sample(ordered, size))
 
     def _send_down(self, messages: Messenger, global_model: LocalCheckpoint, record: RoundRecord, nodes: list[int],
                    message_type: str, failures: dict[str, str]) -> list[int]:  # fmt: skip
@@ -205,30 +191,30 @@ class StreamingFedAvg:
         for index in range(last):
             # Group 1 goes alone: it starts the node's round. Later ones go a window ahead.
             pending = push(index) if index == 0 else window.take(index, push)
-            pending = {message: node for message, node in pending.items() if str(node) not in failures}
+            pending = {message: node for message, node in pending.items() if self.roster.name(node) not in failures}
             for update in messages.collect(pending, lambda content, node: Update(node)):
                 if update.problem:
-                    record.leave_out(update.client, f"group {index + 1} down: {update.problem}", failures)
-            nodes = [n for n in nodes if str(n) not in failures]
+                    record.leave_out(self.roster.name(update.client), f"group {index + 1} down: {update.problem}", failures)
+            nodes = [n for n in nodes if self.roster.name(n) not in failures]
         return nodes
 
-    def _evaluate(self, grid: Grid, model: Path, record: RoundRecord) -> None:
+    def _evaluate(self, grid: Grid, model: Path, record: RoundRecord, aggregated: list[int]) -> None:
         """The round's new global model, sent to the nodes whose updates made it, scored on their held-out data."""
         messages = Messenger(grid, self.config.strategy.round_timeout, self.profile, record)
         with self.profile.span("evaluate"), LocalCheckpoint(model) as global_model:
-            nodes = self._send_down(messages, global_model, record, record.aggregated, protocol.EVALUATE_RECEIVE,
+            nodes = self._send_down(messages, global_model, record, aggregated, protocol.EVALUATE_RECEIVE,
                                     record.eval_failures)  # fmt: skip
             last = self._group(global_model, len(self.exchange.groups) - 1)
             pending = messages.push(protocol.EVALUATE, protocol.EvaluateIns(self.header(record), last).to_content(), nodes)
             losses: dict[int, float] = {}
             for update in messages.collect(pending, lambda content, node: self._decode_eval(content, node, losses)):
                 if update.problem:
-                    record.leave_out(update.client, f"evaluate: {update.problem}", record.eval_failures)
+                    record.leave_out(self.roster.name(update.client), f"evaluate: {update.problem}", record.eval_failures)
                 else:
-                    record.eval_nodes.append(update.client)
                     record.eval_examples += int(update.weight)
+        record.eval_nodes = self.roster.names(self.roster.ordered(losses))
         if record.eval_examples:
-            record.eval_loss = sum(losses[n] for n in record.eval_nodes) / record.eval_examples
+            record.eval_loss = math.fsum(losses[n] for n in self.roster.ordered(losses)) / record.eval_examples
             log.info("[round %d/%d] eval_loss %.4f on %d held-out examples of %d node(s)", record.round,
                      self.config.num_server_rounds, record.eval_loss, record.eval_examples, len(record.eval_nodes))  # fmt: skip
         else:
@@ -297,22 +283,6 @@ class StreamingFedAvg:
             return Update(node, from_record(protocol.SendRes.from_content(content).arrays))
         except protocol.ProtocolError as error:
             return Update(node, problem=str(error))
-
-    def _log_round(self, record: RoundRecord) -> None:
-        total_mb = self.total_bytes / MiB
-        loss = "-" if record.train_loss is None else f"{record.train_loss:.4f}"
-        log.info(
-            "[round %d/%d] train_loss %s | lr %.3g | %d/%d nodes | %d group(s) | down %.2f MiB, up %.2f MiB, "
-            "total %.2f MiB | %.1f s",
-            record.round, self.config.num_server_rounds, loss, record.learning_rate, len(record.aggregated),
-            len(record.nodes), record.groups, record.bytes_down / MiB, record.bytes_up / MiB, total_mb, record.seconds,
-        )  # fmt: skip
-        if total_mb > COMMUNICATION_BUDGET_MB and not self._budget_warned:
-            self._budget_warned = True
-            log.warning(
-                "Communication so far (%.0f MiB) exceeds the FlowerTune leaderboard budget of %d MB",
-                total_mb, COMMUNICATION_BUDGET_MB,
-            )  # fmt: skip
 
 
 class _Uploads:

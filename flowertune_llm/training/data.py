@@ -6,6 +6,7 @@ the completion only. The prompts follow the FlowerTune leaderboard's training te
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,15 +90,52 @@ def _load_dataset_kwargs(config: DatasetConfig) -> dict[str, Any]:
     return {"dataset": LOCAL_DATA_FORMATS[path.suffix], "data_files": str(path)}
 
 
-def _load_local(path: Path, streaming: bool = False):
-    """A local data file through its `datasets` loader, chosen by suffix."""
-    return load_dataset(LOCAL_DATA_FORMATS[path.suffix], data_files=str(path), split="train", streaming=streaming)
+class DataFileError(ValueError):
+    """A local data file that cannot be read; the message names the file and, for JSON lines, the line."""
+
+
+def _load_local(path: Path) -> Dataset:
+    """A local data file through its `datasets` loader (chosen by suffix), or one line saying what is wrong."""
+    try:
+        dataset = load_dataset(LOCAL_DATA_FORMATS[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # noqa: BLE001 - pyarrow's and datasets' many errors, named by file
+        raise DataFileError(f"{path}: {_what_is_wrong(path, error)}") from None
+    if len(dataset) == 0:
+        raise DataFileError(f"{path}: no examples")
+    return dataset
+
+
+def _what_is_wrong(path: Path, error: Exception) -> str:
+    """The first bad line of a JSON-lines file (1-based, as editors count), else the loader's own message."""
+    if path.suffix == ".jsonl":
+        rows = 0
+        with path.open(errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    rows += 1
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as bad:
+                        return f"line {number} is not valid JSON ({bad.msg})"
+        if rows == 0:
+            return "no examples (no line holds one)"
+    if path.stat().st_size == 0:
+        return "no examples (the file is empty)"
+    return f"cannot be read as {LOCAL_DATA_FORMATS[path.suffix]} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
 
 
 def check_local_dataset(config: DatasetConfig) -> None:
-    """For a local file, fail on a missing file or missing columns before any training starts."""
+    """For a local file, fail on a missing, empty or unreadable file or missing columns before any training starts.
+
+    The whole file is read (datasets caches it, so the nodes of a simulation then load it from the cache):
+    a bad line 61 is found here, not inside a client's round.
+    """
     if "data_files" in _load_dataset_kwargs(config):  # raises on a missing file
-        check_columns(list(next(iter(_load_local(local_file(config.name), streaming=True)))), config)
+        try:
+            columns = _load_local(local_file(config.name)).column_names
+        except DataFileError as error:
+            raise ConfigError("static.dataset.name", config.name, str(error)) from None
+        check_columns(columns, config)
 
 
 _federated: dict[tuple[DatasetConfig, int], FederatedDataset] = {}
@@ -109,9 +147,15 @@ def load_partition(config: DatasetConfig, partition_id: int, num_partitions: int
     key = (config, partition_id, num_partitions)
     if key not in _partitions:
         if (config, num_partitions) not in _federated:
-            _federated[(config, num_partitions)] = FederatedDataset(
+            federated = FederatedDataset(
                 partitioners={"train": IidPartitioner(num_partitions=num_partitions)}, **_load_dataset_kwargs(config)
             )
+            examples = len(federated.load_split("train"))
+            if examples < num_partitions:
+                raise ConfigError("static.dataset.name", config.name,
+                                  f"{examples} example(s), fewer than the {num_partitions} partitions (num-partitions) "
+                                  "it is split into: every node needs at least one")  # fmt: skip
+            _federated[(config, num_partitions)] = federated
         partition = _federated[(config, num_partitions)].load_partition(partition_id, "train")
         _partitions[key] = format_dataset(partition, config)
     return _partitions[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from pathlib import Path
 
@@ -213,3 +214,47 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise ValueError(f"adapter state has tensors this model lacks, e.g. {result.unexpected_keys[0]}")
+
+
+def check_init_adapter(config: ModelConfig) -> None:
+    """``model.init-adapter`` is a PEFT adapter whose settings are this run's ``model.lora.*`` (before any model loads)."""
+    path = Path(config.init_adapter).expanduser()
+    adapter_config = path / "adapter_config.json"
+    if not adapter_config.is_file() or not (path / "adapter_model.safetensors").is_file():
+        raise ConfigError("model.init-adapter", config.init_adapter,
+                          f"not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors in {path})")  # fmt: skip
+    saved = json.loads(adapter_config.read_text())
+    lora = config.lora
+    expected = {
+        "model.lora.peft-lora-r": ("r", lora.peft_lora_r),
+        "model.lora.peft-lora-alpha": ("lora_alpha", lora.peft_lora_alpha),
+        "model.lora.use-dora": ("use_dora", lora.use_dora),
+    }
+    for key, (field, value) in expected.items():
+        if saved.get(field) != value:
+            raise ConfigError(key, value, f"model.init-adapter {path} has {field}={saved.get(field)!r}")
+    if lora.target_module_names is not None:
+        targets = saved.get("target_modules") or []
+        targets = sorted([targets] if isinstance(targets, str) else targets)
+        if targets != sorted(lora.target_module_names):
+            raise ConfigError("model.lora.target-modules", lora.target_modules,
+                              f"model.init-adapter {path} adapts {','.join(targets)}")  # fmt: skip
+
+
+def load_init_adapter(config: ModelConfig, expected: dict[str, TensorSpec]) -> AdapterState:
+    """The adapter at ``model.init-adapter`` as this run's adapter state (float32, PEFT's keys), shapes checked."""
+    from safetensors.torch import load_file
+
+    weights = Path(config.init_adapter).expanduser() / "adapter_model.safetensors"
+    state = load_file(weights)
+    # PEFT saves keys without the adapter's name, as get_peft_model_state_dict gives them.
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ConfigError("model.init-adapter", config.init_adapter,
+                          f"its tensors differ from this run's adapter: {len(missing)} missing (e.g. {missing[:1]}), "
+                          f"{len(extra)} unexpected (e.g. {extra[:1]}); check model.lora.target-modules")  # fmt: skip
+    for name, spec in expected.items():
+        if tuple(state[name].shape) != spec.shape:
+            raise ConfigError("model.lora.peft-lora-r", config.lora.peft_lora_r,
+                              f"model.init-adapter's {name} is {list(state[name].shape)}, this run's {list(spec.shape)}")  # fmt: skip
+    return {name: state[name].to(expected[name].dtype).contiguous() for name in expected}

@@ -84,6 +84,9 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
         use_cpu=not on_gpu,
         # A new seed each round, so a client sees a fresh sample of its partition instead of the same batches.
         seed=train.seed + server_round,
+        # PyTorch's deterministic algorithms and cuBLAS's fixed workspace (HF's enable_full_determinism), at a
+        # cost in speed on a GPU; CPU runs repeat bit for bit without it.
+        full_determinism=train.deterministic,
         logging_steps=args.logging_steps,
         save_strategy="no",
         report_to="none",

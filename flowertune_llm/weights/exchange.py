@@ -106,9 +106,13 @@ class Exchange:
 
 
 def _adapter_config_json(peft_config: PeftConfig) -> bytes:
-    # PEFT's own writer, so the file is exactly what PeftModel.save_pretrained would write.
+    # PEFT's own writer, so the file holds what PeftModel.save_pretrained would write, but for one thing: PEFT
+    # keeps target_modules as a set and writes it in the process's string-hash order, which differs from run
+    # to run; sorted (a set has no order to lose), two runs of one config write the same bytes.
     with tempfile.TemporaryDirectory() as scratch:
         peft_config.save_pretrained(scratch)
-        content = (Path(scratch) / "adapter_config.json").read_bytes()
-    json.loads(content)  # fail here, not at load time, if PEFT ever writes something else
-    return content
+        saved = json.loads((Path(scratch) / "adapter_config.json").read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(saved.get(key), list):
+            saved[key] = sorted(saved[key])
+    return json.dumps(saved, indent=2, sort_keys=True).encode()  # PEFT's own layout

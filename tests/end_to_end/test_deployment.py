@@ -81,7 +81,9 @@ def bad_node_run(federation, two_node_run, tmp_path_factory):
 def test_two_authenticated_nodes_over_tls_complete_the_run(federation, two_node_run):
     result, run_dir = two_node_run
     assert result.ok, result.details
-    node_ids = sorted(node.node_id for node in federation.supernodes[:2])
+    # The partition node by its partition, the node with its own data by its (registered, stable) id.
+    partition_node, own_node = federation.supernodes[:2]
+    node_ids = sorted(["partition-0", f"node-{own_node.node_id}"])
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
@@ -145,11 +147,12 @@ def test_node_with_a_bad_node_config_is_named_and_the_round_completes(bad_node_r
     result, run_dir, bad, missing = bad_node_run
     assert result.ok, result.details
     (record,) = json.loads((run_dir / "history.json").read_text())
-    assert bad.node_id in record["nodes"] and len(record["nodes"]) == 3
-    assert len(record["aggregated"]) == 2 and bad.node_id not in record["aggregated"]
-    reason = record["failures"][str(bad.node_id)]
+    bad_name = f"node-{bad.node_id}"
+    assert bad_name in record["nodes"] and len(record["nodes"]) == 3
+    assert len(record["aggregated"]) == 2 and bad_name not in record["aggregated"]
+    reason = record["failures"][bad_name]
     assert "NodeConfigError" in reason and "dataset-path" in reason and str(missing) in reason, reason
-    assert f"node {bad.node_id} left out" in result.output
+    assert f"{bad_name} left out" in result.output
     assert "2/3 nodes" in result.output
     assert (run_dir / "checkpoints" / "round-1" / "adapter_model.safetensors").is_file()
 

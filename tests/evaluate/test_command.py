@@ -81,7 +81,8 @@ def test_code_is_scored_by_running_each_program_against_its_tests(tmp_path):
         _program("multiple-cpp", "\n    return a - b;"),
     ])  # fmt: skip
     assert scores(results) == {"mbpp": 50.0, "humaneval": 100.0, "multiple-js": 100.0, "multiple-cpp": 0.0}
-    assert results["average"] == 62.5 and results["sandbox"] in ("namespaces", "limits")
+    assert results["average"] == 62.5 and results["sandbox"]["isolation"] in ("namespaces", "limits")
+    assert results["sandbox"]["process_limit"] in ("RLIMIT_NPROC", "pids cgroup", "none")
 
 
 def test_a_language_whose_tool_is_missing_is_skipped_not_scored_zero(tmp_path, monkeypatch, capsys):

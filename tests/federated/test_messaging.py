@@ -78,3 +78,12 @@ def test_waiting_for_nodes_gives_up_after_the_timeout(caplog):
     assert wait_for_nodes(ScriptedGrid({5: answer, 2: answer}), 2, timeout=1, log=logging.getLogger()) == [2, 5]
     with pytest.raises(TooFewNodes, match="only 1 node\\(s\\) connected after 0s"):
         wait_for_nodes(ScriptedGrid({5: answer}), 2, timeout=0, log=logging.getLogger())
+
+
+def test_a_failure_is_kept_on_one_line_without_colours_and_short():
+    from flowertune_llm.federated.messaging import REASON_CHARACTERS, short_reason
+
+    traceback = "client error 2: \x1b[31mTraceback\x1b[0m (most recent call last):\n" + "  File x, line 1\n" * 400
+    reason = short_reason(traceback)
+    assert "\x1b" not in reason and "\n" not in reason and len(reason) == REASON_CHARACTERS and reason.endswith("…")
+    assert short_reason("client error 0: boom") == "client error 0: boom"

@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from flowertune_llm.config import to_flat_dict
-from flowertune_llm.federated import protocol
+from flowertune_llm.federated import protocol, start
 from flowertune_llm.federated.run_directory import RunDirectory
 from flowertune_llm.federated.strategy import RoundFailed, StreamingFedAvg
-from flowertune_llm.training import models
 from flowertune_llm.weights import disk
 from flowertune_llm.weights.disk import InsufficientDiskSpaceError
 from flowertune_llm.weights.exchange import Exchange
@@ -101,9 +100,10 @@ def test_layerwise_equals_all_at_once_and_the_exact_weighted_mean(tmp_path, dtyp
     # Round 1 sends nothing down (the nodes hold the model); round 2 sends the mean down group by group.
     first, second = layer.history
     assert first.bytes_down == 0 and second.bytes_down == first.bytes_up > 0
-    assert grid.sent[0].metadata.message_type == protocol.TRAIN
-    assert {m.metadata.message_type for m in grid.sent} == {protocol.TRAIN, protocol.SEND, protocol.RECEIVE}
-    assert first.aggregated == [1, 2, 3] and first.failures == {}
+    # Each node is asked its name once; then round 1 trains (nothing goes down: the nodes hold the model).
+    assert [m.metadata.message_type for m in grid.sent[:4]] == [protocol.QUERY] * 3 + [protocol.TRAIN]
+    assert {m.metadata.message_type for m in grid.sent} == {protocol.QUERY, protocol.TRAIN, protocol.SEND, protocol.RECEIVE}
+    assert first.aggregated == ["node-1", "node-2", "node-3"] and first.failures == {}
 
 
 @pytest.mark.parametrize("window", [1, 3])
@@ -125,12 +125,12 @@ def test_a_node_silent_within_the_window_is_waited_for_once(tmp_path):
         tmp_path, states, [1, 1, 1], {3: silent_after_the_first_group_down},
         **{"aggregation.window": 3, "strategy.round-timeout": 0.3},
     )  # fmt: skip
-    assert "group 2 down: no reply" in strategy.history[1].failures["3"]
+    assert "group 2 down: no reply" in strategy.history[1].failures["node-3"]
     to_node_3 = [m for m in grid.sent if m.metadata.dst_node_id == 3 and m.metadata.message_type == protocol.RECEIVE]
     assert [group_of(m) for m in to_node_3] == [0, 1, 2, 3]  # group 1 alone, then 3 in flight
     assert [m.metadata.message_id in grid.asked for m in to_node_3] == [True, True, False, False]
     # Round 2 averages the round-1 mean of all three, which nodes 1 and 2 received whole.
-    assert strategy.history[1].aggregated == [1, 2]
+    assert strategy.history[1].aggregated == ["node-1", "node-2"]
     assert_bit_equal(read(final), torch_weighted_mean(states, [1, 1, 1]))
 
 
@@ -154,22 +154,22 @@ def test_failed_malformed_and_silent_nodes_are_named_and_left_out(tmp_path, capl
         tmp_path, states, [1] * 6, behaviours, **{"num-server-rounds": 1, "strategy.round-timeout": 0.5}
     )
     record = strategy.history[0]
-    assert record.aggregated == [1, 2]
-    assert "CUDA out of memory" in record.failures["3"]
-    assert "no reply within strategy.round-timeout=0.5s" in record.failures["4"]
-    assert "head.weight is bfloat16[64, 8], expected bfloat16[64, 16]" in record.failures["5"]
-    assert "layers.1.proj.weight" in record.failures["6"] and "NaN or Inf" in record.failures["6"]
+    assert record.aggregated == ["node-1", "node-2"]
+    assert "CUDA out of memory" in record.failures["node-3"]
+    assert "no reply within strategy.round-timeout=0.5s" in record.failures["node-4"]
+    assert "head.weight is bfloat16[64, 8], expected bfloat16[64, 16]" in record.failures["node-5"]
+    assert "layers.1.proj.weight" in record.failures["node-6"] and "NaN or Inf" in record.failures["node-6"]
     assert record.restarts == 1  # node 6 failed after its first group was folded
     assert_bit_equal(read(final), torch_weighted_mean(states[:2], [1, 1]))
     for node in (3, 4, 5, 6):
-        assert f"node {node} left out" in caplog.text
+        assert f"node-{node} left out" in caplog.text
 
 
 def test_a_node_failing_while_the_model_goes_down_is_left_out_before_training(tmp_path):
     states = [full_model(seed) for seed in range(3)]
     strategy, grid, final, _ = full_weights_run(tmp_path, states, [1, 1, 1], {3: fails_on(protocol.RECEIVE)})
-    assert "group 1 down" in strategy.history[1].failures["3"]
-    assert strategy.history[1].aggregated == [1, 2]
+    assert "group 1 down" in strategy.history[1].failures["node-3"]
+    assert strategy.history[1].aggregated == ["node-1", "node-2"]
 
 
 def test_too_few_usable_updates_stop_the_run_and_leave_no_checkpoint(tmp_path):
@@ -213,18 +213,21 @@ def test_checkpoints_every_n_rounds_and_after_the_last(tmp_path):
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5] and all(r["train_loss"] is None for r in history)
 
 
-def adapter_run(tmp_path, mode, behaviours=None, **overrides):
+def adapter_run(tmp_path, mode, behaviours=None, run_id=7, node_ids=(1, 2), **overrides):
+    """A training run of two in-process nodes (partitions 0 and 1 of 4), set up as the ServerApp sets one up."""
+    overrides.setdefault("output.dir", str(tmp_path / f"runs-{mode}"))
     config = make_config(**{"num-server-rounds": 2, "train.save-every-round": 1, "strategy.fraction-train": 1.0,
                             "aggregation.mode": mode, "aggregation.max-message-mb": 2 / 1024, **overrides})  # fmt: skip
-    torch.manual_seed(0)  # the initial adapter (LoRA A is random)
-    state = models.get_adapter_state(models.build_peft_model(config.model))
-    exchange = Exchange.for_adapter(config, specs_of(state), models.lora_config(config.model))
-    run_dir = RunDirectory.create(tmp_path / mode, 7, {})
-    nodes = {k: InProcessNode(to_flat_dict(config), k, {"partition-id": k - 1, "num-partitions": 4, "state-dir": str(tmp_path / mode)})
-             for k in (1, 2)}  # fmt: skip
+    source = start.check(config)
+    run_dir, resumed = start.run_directory(config, run_id, source)
+    exchange, initial = start.global_model(config, run_dir, write_initial=resumed is None)
+    nodes = {k: InProcessNode(to_flat_dict(config), k, {"partition-id": p, "num-partitions": 4,
+                                                        "state-dir": str(tmp_path / "node-state")}, run_id=run_id)
+             for p, k in enumerate(node_ids)}  # fmt: skip
     grid = ScriptedGrid({k: (behaviours or {}).get(k, lambda n: n)(node) for k, node in nodes.items()})
-    strategy = StreamingFedAvg(config, run_dir, exchange)
-    final = strategy.run(grid, exchange.write(run_dir.checkpoint_dir(0), state))
+    strategy = StreamingFedAvg(config, run_dir, exchange, resume=resumed)
+    state = read(run_dir.checkpoint_dir(0)) if initial else None
+    final = strategy.run(grid, initial)
     return config, strategy, grid, state, final
 
 
@@ -232,8 +235,8 @@ def test_adapter_rounds_train_and_both_modes_write_the_same_peft_adapter(tmp_pat
     config, layer, grid, state, layer_final = adapter_run(tmp_path, "layerwise")
     _, whole, _, _, whole_final = adapter_run(tmp_path, "all_at_once")
     assert layer.history[0].groups > 1 and whole.history[0].groups == 1
-    assert sorted(p.name for p in layer_final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert all(r.train_loss > 0 and r.aggregated == [1, 2] for r in layer.history)
+    assert sorted(p.name for p in layer_final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "flowertune_state.json"]
+    assert all(r.train_loss > 0 and r.aggregated == ["partition-0", "partition-1"] for r in layer.history)
     assert [r.train_loss for r in layer.history] == [r.train_loss for r in whole.history]
     assert files_of(layer_final) == files_of(whole_final)
     lr = [protocol.TrainIns.from_content(m.content).learning_rate for m in grid.sent if m.metadata.message_type == protocol.TRAIN]
@@ -251,7 +254,7 @@ def test_federated_evaluation_scores_the_new_global_model_the_same_way_in_both_m
     # Rounds 2 and 3 (every second round, and the last); 175 examples per partition, 44 held out on each node.
     assert [r.eval_loss is not None for r in layer.history] == [False, True, True]
     assert [r.eval_loss for r in layer.history] == [r.eval_loss for r in whole.history]
-    assert all(r.eval_examples == 88 and r.eval_nodes == [1, 2] for r in layer.history[1:])
+    assert all(r.eval_examples == 88 and r.eval_nodes == ["partition-0", "partition-1"] for r in layer.history[1:])
     types = [m.metadata.message_type for m in grid.sent]
     assert protocol.EVALUATE_RECEIVE in types and types.count(protocol.EVALUATE) == 2 * 2
     # The adapter goes down once more per evaluation, and those bytes are the round's too.
@@ -262,7 +265,45 @@ def test_a_node_failing_to_evaluate_is_named_and_training_goes_on(tmp_path, capl
     _, strategy, _, _, final = adapter_run(tmp_path, "layerwise", {2: fails_on(protocol.EVALUATE)},
                                            **{"eval.every-round": 1, "eval.fraction": 0.25})  # fmt: skip
     for record in strategy.history:
-        assert record.failures == {} and record.aggregated == [1, 2]  # training is untouched
-        assert "CUDA out of memory" in record.eval_failures["2"] and record.eval_nodes == [1]
+        assert record.failures == {} and record.aggregated == ["partition-0", "partition-1"]  # training is untouched
+        assert "CUDA out of memory" in record.eval_failures["partition-1"] and record.eval_nodes == ["partition-0"]
         assert record.eval_examples == 44 and record.eval_loss > 0
-    assert "node 2 not evaluated" in caplog.text and final.name == "round-2"
+    assert "partition-1 not evaluated" in caplog.text and final.name == "round-2"
+
+
+def without_seconds(strategy) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in strategy.history.as_json()]
+
+
+def test_the_same_seed_repeats_every_bit_and_another_seed_does_not(tmp_path):
+    settings = {"num-server-rounds": 2, "strategy.fraction-train": 0.5, "strategy.min-train-nodes": 1}
+    _, first, _, _, a = adapter_run(tmp_path / "a", "layerwise", node_ids=(11, 22), **settings)
+    # Other node ids, as the Simulation Engine draws them anew in every run: the names keep the order.
+    _, again, _, _, b = adapter_run(tmp_path / "b", "layerwise", node_ids=(93, 4), **settings)
+    assert files_of(a) == files_of(b) and without_seconds(first) == without_seconds(again)
+    _, other, _, _, c = adapter_run(tmp_path / "c", "layerwise", node_ids=(11, 22), **settings, **{"train.seed": 7})
+    assert (a / "adapter_model.safetensors").read_bytes() != (c / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_crashed_run_resumes_from_its_last_kept_round_to_the_same_bytes(tmp_path):
+    settings = {"num-server-rounds": 4, "train.save-every-round": 2}
+    _, whole, _, _, reference = adapter_run(tmp_path / "whole", "layerwise", **settings)
+
+    def crashes_in_round_3(node):
+        return lambda m: error_reply(m, "killed") if protocol.Header.from_content(m.content).server_round == 3 else node(m)
+
+    with pytest.raises(RoundFailed):
+        adapter_run(tmp_path / "crash", "layerwise", {1: crashes_in_round_3, 2: crashes_in_round_3}, run_id=8, **settings)
+    crashed = tmp_path / "crash" / "runs-layerwise" / "8"
+    _, resumed, grid, _, final = adapter_run(tmp_path / "crash", "layerwise", run_id=9,
+                                             **settings, **{"resume-from": str(crashed)})  # fmt: skip
+    assert files_of(final) == files_of(reference) and without_seconds(resumed) == without_seconds(whole)
+    assert min(protocol.Header.from_content(m.content).server_round for m in grid.sent) == 3  # rounds 1-2 not redone
+
+
+def test_a_warm_start_begins_round_1_from_the_given_adapter(tmp_path):
+    _, first, _, _, earlier = adapter_run(tmp_path / "first", "layerwise")
+    _, _, grid, initial, _ = adapter_run(tmp_path / "warm", "layerwise", **{"model.init-adapter": str(earlier)})
+    assert_bit_equal(initial, read(earlier))
+    sent = next(m for m in grid.sent if m.metadata.message_type == protocol.TRAIN)  # round 1's global adapter
+    assert protocol.TrainIns.from_content(sent.content).group is not None

@@ -172,3 +172,26 @@ def test_a_node_too_small_to_hold_out_and_train_says_so():
     tiny = Dataset.from_list([{"prompt": "p", "completion": "c"}])
     with pytest.raises(ValueError, match="eval.fraction=0.5 of this node's 1 examples leaves 1 to evaluate and 0 to train"):
         split_held_out(tiny, 0.5, seed=0)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no examples"),
+        ("\n\n", "no examples"),
+        ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", oops}\n', "line 2 is not valid JSON"),
+    ],
+)
+def test_a_local_file_that_cannot_be_read_is_named_with_its_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_local_dataset(DatasetConfig(str(path), "alpaca"))
+    assert str(path) in str(error.value) and error.value.key == "static.dataset.name"
+
+
+def test_fewer_examples_than_partitions_names_both_numbers(tmp_path):
+    path = tmp_path / "two.jsonl"
+    _write(path, [CODE, CODE])
+    with pytest.raises(ConfigError, match="2 example\\(s\\), fewer than the 3 partitions"):
+        load_partition(DatasetConfig(str(path), "code"), 0, 3)

@@ -89,3 +89,49 @@ def test_a_4bit_round_on_cpu_keeps_a_float32_adapter_and_no_stray_hooks():
         assert all(not torch.equal(before[k], after[k]) for k in before)
         assert not model.get_input_embeddings()._forward_hooks
     assert models.cached_peft_model(config.model)[2]  # second call is a cache hit
+
+
+def _saved_adapter(tmp_path, **lora):
+    from flowertune_llm.training.models import build_peft_model
+
+    config = make_config(**lora)
+    build_peft_model(config.model).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize(
+    "override, key, message",
+    [
+        ({"model.lora.peft-lora-r": 8}, "model.lora.peft-lora-r", "has r=4"),
+        ({"model.lora.peft-lora-alpha": 16}, "model.lora.peft-lora-alpha", "has lora_alpha=8"),
+        ({"model.lora.use-dora": True}, "model.lora.use-dora", "has use_dora=False"),
+        ({"model.lora.target-modules": "q_proj,k_proj"}, "model.lora.target-modules", "adapts q_proj,v_proj"),
+    ],
+)
+def test_a_warm_start_adapter_unlike_the_runs_is_refused_naming_the_key(tmp_path, override, key, message):
+    from flowertune_llm.config import ConfigError
+    from flowertune_llm.training.models import check_init_adapter
+
+    adapter = _saved_adapter(tmp_path)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_init_adapter(make_config(**{"model.init-adapter": str(adapter), **override}).model)
+    assert error.value.key == key
+
+
+def test_a_warm_start_that_is_no_adapter_is_named(tmp_path):
+    from flowertune_llm.config import ConfigError
+    from flowertune_llm.training.models import check_init_adapter
+
+    with pytest.raises(ConfigError, match="not a PEFT adapter directory") as error:
+        check_init_adapter(make_config(**{"model.init-adapter": str(tmp_path)}).model)
+    assert error.value.key == "model.init-adapter"
+
+
+def test_a_warm_start_adapter_loads_as_float32_in_the_runs_keys(tmp_path):
+    from flowertune_llm.training.models import build_peft_model, get_adapter_state, load_init_adapter
+
+    adapter = _saved_adapter(tmp_path)
+    config = make_config(**{"model.init-adapter": str(adapter)})
+    expected = specs_of(get_adapter_state(build_peft_model(config.model)))
+    state = load_init_adapter(config.model, expected)
+    assert specs_of(state) == expected
