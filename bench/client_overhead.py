@@ -42,28 +42,29 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # Built-in models are written to $FLOWERTUNE_LLM_CACHE on first use; keep a benchmark run from filling the
 # home directory when nothing is configured. Set before the spawned client processes inherit the environment.
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(tempfile.gettempdir()) / "flowertune-llm-cache"))
 
-import torch  # noqa: E402
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute  # noqa: E402
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
 
-from bench import block_header  # noqa: E402
-from flowertune_llm import client_app  # noqa: E402
-from flowertune_llm.config import default_run_config, load_preset, parse_run_config  # noqa: E402
-from flowertune_llm.federated import protocol  # noqa: E402
-from flowertune_llm.training import data, models, sft  # noqa: E402
-from testbed import results  # noqa: E402
-from testbed.grids import train_content  # noqa: E402  (the server's train message, as the tests build it)
+from bench import block_header
+from flowertune_llm import client_app
+from flowertune_llm.config import default_run_config, load_preset, parse_run_config
+from flowertune_llm.federated import protocol
+from flowertune_llm.training import data, models, sft
+from testbed import results
+from testbed.grids import train_content  # the server's train message, as the tests build it
 
 BENCHMARK = "client_overhead"
 README_BLOCK = "client-overhead"

@@ -209,7 +209,7 @@ def replot(variant: str) -> dict:
     results = bench_results.read(BENCHMARK, variant)
     header = results.pop("meta")
     results.setdefault("measured", header)
-    key = lambda r: (r["mode"], r["clients"], r["layers"], r["vocab"])  # noqa: E731
+    key = lambda r: (r["mode"], r["clients"], r["layers"], r["vocab"])
     sweep = bench_results.path(BENCHMARK, f"{variant}-sweep", ".jsonl")
     sweep_rows = map(json.loads, sweep.read_text().splitlines())
     rows = {key(r): r | {"from_sweep": True} for r in sweep_rows}

@@ -69,7 +69,7 @@ def meta(benchmark: str, variant: str, load_before: list[float], command: str | 
         "benchmark": benchmark,
         "variant": variant,
         "commit": commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "load": {"before": load_before, "after": load()},
         "versions": versions,

@@ -19,10 +19,9 @@ def test_a_write_replaces_the_file_whole_with_the_mode_asked_for(tmp_path):
 def test_a_failed_write_leaves_the_previous_file_and_no_scratch(tmp_path):
     target = tmp_path / "history.json"
     write_json(target, [{"round": 1}])
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as scratch:
-            scratch.write_text("[{half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as scratch:
+        scratch.write_text("[{half")
+        raise RuntimeError("killed mid-write")
     assert target.read_text() == '[\n  {\n    "round": 1\n  }\n]\n'
     assert os.listdir(tmp_path) == ["history.json"]
 

@@ -9,9 +9,10 @@ naming the key, which the node reports to the server as the reason it was left o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flowertune_llm.config.errors import NodeConfigError
 from flowertune_llm.config.run import DATASET_FORMATS

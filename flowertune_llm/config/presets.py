@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flowertune_llm.config.errors import ConfigError
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from flowertune_llm.config.errors import ConfigError
 from flowertune_llm.config.presets import resolve_preset

@@ -73,7 +73,7 @@ def make_certificates(
     directory = Path(directory)
     certs = Certificates(directory / "ca.crt", directory / "ca.key", directory / "server.pem", directory / "server.key")
     names = list(dict.fromkeys([*DEFAULT_SANS, *sans]))
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)  # tolerate clock skew
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)  # tolerate clock skew
     not_after = now + datetime.timedelta(days=days)
 
     def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -15,7 +15,7 @@ from flowertune_llm.weights.transport import RECORD_OVERHEAD, encoded_size
 
 def plan_groups(
     specs: Mapping[str, TensorSpec],
-    max_bytes: int | float,
+    max_bytes: float,
 ) -> list[list[Piece]]:
     """Cut a model into groups of pieces, in the mapping's order, each group's record at most ``max_bytes``.
 
@@ -63,7 +63,7 @@ def plan_groups(
     return groups
 
 
-def _row_pieces(name: str, spec: TensorSpec, max_bytes: int | float) -> Iterable[Piece]:
+def _row_pieces(name: str, spec: TensorSpec, max_bytes: float) -> Iterable[Piece]:
     """Equal row ranges of ``spec`` (the last one shorter), each as large as fits in ``max_bytes``."""
     rows = spec.shape[0]
     row_bytes = spec.nbytes // rows

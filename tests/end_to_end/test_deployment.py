@@ -82,7 +82,7 @@ def test_two_authenticated_nodes_over_tls_complete_the_run(federation, two_node_
     result, run_dir = two_node_run
     assert result.ok, result.details
     # The partition node by its partition, the node with its own data by its (registered, stable) id.
-    partition_node, own_node = federation.supernodes[:2]
+    own_node = federation.supernodes[1]
     node_ids = sorted(["partition-0", f"node-{own_node.node_id}"])
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2]

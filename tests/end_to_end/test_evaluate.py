@@ -21,7 +21,7 @@ def evaluate(*argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("challenge, datasets", [("general-nlp", "stem,humanities"), ("finance", "fpb,tfns")])
 def test_an_adapter_of_a_real_run_is_evaluated_and_its_predictions_rescore_to_the_same(quickstart_run, tmp_path, challenge, datasets):
-    result, run_dir = quickstart_run
+    _, run_dir = quickstart_run
     adapter = run_dir / "checkpoints" / f"round-{QUICKSTART_ROUNDS}"
     data = tmp_path / "data"
     shutil.copytree(DATA, data)

@@ -167,7 +167,7 @@ def test_failed_malformed_and_silent_nodes_are_named_and_left_out(tmp_path, capl
 
 def test_a_node_failing_while_the_model_goes_down_is_left_out_before_training(tmp_path):
     states = [full_model(seed) for seed in range(3)]
-    strategy, grid, final, _ = full_weights_run(tmp_path, states, [1, 1, 1], {3: fails_on(protocol.RECEIVE)})
+    strategy, _, _, _ = full_weights_run(tmp_path, states, [1, 1, 1], {3: fails_on(protocol.RECEIVE)})
     assert "group 1 down" in strategy.history[1].failures["node-3"]
     assert strategy.history[1].aggregated == ["node-1", "node-2"]
 
@@ -281,7 +281,7 @@ def test_the_same_seed_repeats_every_bit_and_another_seed_does_not(tmp_path):
     # Other node ids, as the Simulation Engine draws them anew in every run: the names keep the order.
     _, again, _, _, b = adapter_run(tmp_path / "b", "layerwise", node_ids=(93, 4), **settings)
     assert files_of(a) == files_of(b) and without_seconds(first) == without_seconds(again)
-    _, other, _, _, c = adapter_run(tmp_path / "c", "layerwise", node_ids=(11, 22), **settings, **{"train.seed": 7})
+    _, _, _, _, c = adapter_run(tmp_path / "c", "layerwise", node_ids=(11, 22), **settings, **{"train.seed": 7})
     assert (a / "adapter_model.safetensors").read_bytes() != (c / "adapter_model.safetensors").read_bytes()
 
 
@@ -302,7 +302,7 @@ def test_a_crashed_run_resumes_from_its_last_kept_round_to_the_same_bytes(tmp_pa
 
 
 def test_a_warm_start_begins_round_1_from_the_given_adapter(tmp_path):
-    _, first, _, _, earlier = adapter_run(tmp_path / "first", "layerwise")
+    _, _, _, _, earlier = adapter_run(tmp_path / "first", "layerwise")
     _, _, grid, initial, _ = adapter_run(tmp_path / "warm", "layerwise", **{"model.init-adapter": str(earlier)})
     assert_bit_equal(initial, read(earlier))
     sent = next(m for m in grid.sent if m.metadata.message_type == protocol.TRAIN)  # round 1's global adapter

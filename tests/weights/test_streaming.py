@@ -224,7 +224,7 @@ def test_layerwise_and_all_at_once_write_byte_identical_checkpoints(tmp_path, dt
 def test_a_client_bad_in_a_later_group_restarts_the_round_without_it(tmp_path):
     states = [model_state(torch.bfloat16, seed=k) for k in range(3)]
     weights = [4, 1, 9]
-    result, target, groups, fetched = _run_round(tmp_path, states, weights, 300, "out", poison=(1, 3))
+    result, target, _, fetched = _run_round(tmp_path, states, weights, 300, "out", poison=(1, 3))
     assert result.aggregated == [0, 2] and result.restarts == 1
     assert "group 4/" in result.left_out[1] and "NaN or Inf" in result.left_out[1]
     assert sum(1 for c, g in fetched if c == 0 and g == 0) == 2  # group 1 pulled again after the restart
@@ -236,7 +236,7 @@ def test_a_client_bad_in_a_later_group_restarts_the_round_without_it(tmp_path):
 
 def test_a_client_failing_in_the_first_group_is_skipped_without_restart(tmp_path):
     states = [model_state(torch.float16, seed=k) for k in range(3)]
-    result, target, _, _ = _run_round(tmp_path, states, [1, 2, 3], 300, "out", fail=(2, 0))
+    result, _, _, _ = _run_round(tmp_path, states, [1, 2, 3], 300, "out", fail=(2, 0))
     assert result.aggregated == [0, 1] and result.restarts == 0 and "round timeout" in result.left_out[2]
 
 
