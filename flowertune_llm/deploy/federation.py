@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -110,6 +111,7 @@ class LocalFederation:
         self.superlink_dir = self.workdir / "superlink"
         self.supernodes: list[SuperNodeHandle] = []
         self._worker_dir: Path | None = None
+        self._worker_dir_is_temporary = False
         self._started = False
 
     # -- environment ------------------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class LocalFederation:
                 path = Path(given).expanduser()
             elif len(str(path)) > 60:  # a Unix socket path holds at most 107 bytes; the worker adds ~45
                 path = Path(tempfile.mkdtemp(prefix="ftllm-workers-"))
+                self._worker_dir_is_temporary = True
                 with contextlib.suppress(OSError):
                     (self.workdir / "workers").symlink_to(path, target_is_directory=True)
             self._worker_dir = path
@@ -270,9 +273,27 @@ class LocalFederation:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._started = False
+        if not left:
+            self._keep_worker_logs()
         if left and check:
             raise FederationError(f"processes survived teardown: {sorted(left)}")
         return left
+
+    def _keep_worker_logs(self) -> None:
+        """Move the workers' logs from a temporary worker directory into ``workdir/workers``, and remove it.
+
+        The sockets, keys and locks there served the stopped workers only; the logs are what a reader wants.
+        """
+        if not self._worker_dir_is_temporary or self._worker_dir is None:
+            return
+        temporary, kept = self._worker_dir, self.workdir / "workers"
+        if kept.is_symlink():
+            kept.unlink()
+        kept.mkdir(parents=True, exist_ok=True)
+        for log in temporary.glob("*.log"):
+            shutil.move(log, kept / log.name)
+        shutil.rmtree(temporary, ignore_errors=True)
+        self._worker_dir, self._worker_dir_is_temporary = kept, False
 
     def pids(self) -> set[int]:
         """Live processes of this federation: SuperLink, SuperNodes, SuperExecs, ServerApps, ClientApps."""

@@ -49,6 +49,8 @@ def federation(tmp_path_factory):
     with fed:  # stops every process by PID on the way out, also when a test failed
         yield fed
     assert not fed.pids(), "processes survived the federation"
+    # The workers' logs stay under the federation's directory; a temporary worker directory is gone.
+    assert not (fed.workdir / "workers").is_symlink() and fed.worker_dir == fed.workdir / "workers"
 
 
 def run_app(fed: LocalFederation, run_config: str, timeout: float = 300) -> RunResult:
