@@ -12,6 +12,7 @@ from flowertune_llm.config.run import (
     DatasetConfig,
     ModelConfig,
     OutputConfig,
+    PartitionConfig,
     RunConfig,
     TrainConfig,
     parse_run_config,
@@ -20,6 +21,7 @@ from flowertune_llm.config.run import (
 )
 
 __all__ = [
-    "ConfigError", "DatasetConfig", "ModelConfig", "NodeConfig", "NodeConfigError", "OutputConfig", "RunConfig",
+    "ConfigError", "DatasetConfig", "ModelConfig", "NodeConfig", "NodeConfigError", "OutputConfig", "PartitionConfig",
+    "RunConfig",
     "TrainConfig", "default_run_config", "load_preset", "parse_run_config", "run_config_of", "to_flat_dict",
 ]  # fmt: skip

@@ -26,6 +26,9 @@ QUANTIZATIONS = (0, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")
 DATASET_FORMATS = ("general-nlp", "finance", "medical", "code", "alpaca")
 AGGREGATION_MODES = ("layerwise", "all_at_once")
+# flwr-datasets' partitioners: IID, label-skewed (by a column or a derived one), and size-skewed.
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shard", "linear", "square", "exponential")
+LABEL_SKEWED = ("dirichlet", "pathological", "shard")
 
 
 def _key(section: Any, field_name: str) -> str:
@@ -185,6 +188,27 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class PartitionConfig:
+    """How ``static.dataset.name`` is split among the nodes that take a partition of it (research runs; the
+    leaderboard's challenges are IID)."""
+
+    PREFIX: ClassVar[str] = "partition."
+    method: str  # iid | dirichlet | pathological | shard (label-skewed) | linear | square | exponential (size-skewed)
+    by: str  # label-skewed methods: the column whose values are the labels, or a derived one (training/partitions.py)
+    alpha: float  # dirichlet: the concentration; small values give each node few labels
+    classes_per_node: int  # pathological: labels per node
+    shards_per_node: int  # shard: shards per node
+
+    def __post_init__(self) -> None:
+        _require(self, "method", self.method in PARTITION_METHODS, f"allowed: {', '.join(PARTITION_METHODS)}")
+        _require(self, "by", self.method not in LABEL_SKEWED or bool(self.by.strip()),
+                 f"partition.method='{self.method}' splits by labels: name a column or a derived label")  # fmt: skip
+        _require(self, "alpha", self.alpha > 0 and math.isfinite(self.alpha), "the Dirichlet concentration, must be > 0")
+        _require(self, "classes_per_node", self.classes_per_node >= 1, "must be a positive integer")
+        _require(self, "shards_per_node", self.shards_per_node >= 1, "must be a positive integer")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     PREFIX: ClassVar[str] = "output."
     dir: str
@@ -229,6 +253,7 @@ class RunConfig:
     strategy: StrategyConfig
     aggregation: AggregationConfig
     dataset: DatasetConfig
+    partition: PartitionConfig
     output: OutputConfig
     eval: EvalConfig
     profile: ProfileConfig
