@@ -2,7 +2,7 @@
 
 Synthetic Llama-3.1-70B-shaped models (testbed/synthetic_llama.py: hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256, random bf16) with k decoder layers are averaged in aggregation-only rounds
-(``max-steps=0``, full weights) by the app's own round loop (``StreamingFedAvg``) and the app's own client
+(``max-steps=0``, full weights) by the app's own round loop (``StreamingStrategy``) and the app's own client
 handlers (``federated.client_round.handle``), each client in its own process. The grid between them
 (:class:`testbed.grids.ProcessGrid`) passes Flower ``Message`` contents over pipes, so what is measured is the
 app, not Flower's transport (the SuperLink's message buffers are not in these figures).
@@ -23,6 +23,11 @@ Usage (from the repository root)::
     python -m bench.layerwise_memory --work /var/tmp/lw --layers 1 2 4 --clients 2 4 \\
         --compare-vocab 8192 --compare-layers 1
     python -m bench.layerwise_memory --replot    # no runs: merge the sweep rows, recompute, redraw
+    python -m bench.layerwise_memory --strategies fedavg fedadam --layers 1 2 --clients 2 --vocab 8192 --rounds 2
+
+``--strategies`` compares server optimizers with FedAvg instead (same runs, same models, each in its own
+process): a server optimizer reads the global model and its state through mmap and writes its new state
+to disk, so its server peak should stay within 10 % of FedAvg's. Round 2 is where the state is read back.
 
 Prints JSON and writes it through :mod:`testbed.results` to
 ``bench/results/layerwise_memory/llama70b-k<K...>-n<N...>-<MiB>mib.json`` with the plot beside it (``.png``);
@@ -99,7 +104,7 @@ def build_models(work: Path, layers: int, distinct: int, vocab: int | None) -> l
 def run_one(args: argparse.Namespace) -> dict:
     from flowertune_llm.config import default_run_config, parse_run_config
     from flowertune_llm.federated.run_directory import RunDirectory
-    from flowertune_llm.federated.strategy import StreamingFedAvg
+    from flowertune_llm.federated.strategy import StreamingStrategy
     from flowertune_llm.training import models
     from flowertune_llm.weights.exchange import Exchange
     from testbed.grids import ProcessGrid, memory_sampler
@@ -109,8 +114,9 @@ def run_one(args: argparse.Namespace) -> dict:
     client_models = [Path(p) for p in args.models]
     flat = default_run_config() | {
         "model.name": str(client_models[0]), "model.quantization": 0, "model.device-map": "cpu",
-        "train.training-arguments.max-steps": 0, "num-server-rounds": 1, "strategy.fraction-train": 1.0,
+        "train.training-arguments.max-steps": 0, "strategy.fraction-train": 1.0,
         "strategy.min-train-nodes": args.clients, "aggregation.mode": args.mode,
+        "strategy.name": args.strategy, "num-server-rounds": args.rounds, "train.save-every-round": args.rounds,
         "aggregation.max-message-mb": args.max_message_mb, "output.dir": str(args.run_root),
         # One group in flight: the grid here keeps replies in the server's process, where Flower's SuperLink
         # (a process of its own) would hold the ones a window asks ahead.
@@ -125,10 +131,11 @@ def run_one(args: argparse.Namespace) -> dict:
     ]
     run_dir = RunDirectory.create(config.output.root, f"{args.mode}-n{args.clients}-k{args.layers}", {})
     with ProcessGrid(node_configs, flat) as grid:
-        strategy = StreamingFedAvg(config, run_dir, exchange)
+        # A server optimizer steps from the model the nodes start from (client 0's), as start.base_model gives it.
+        strategy = StreamingStrategy(config, run_dir, exchange, base=client_models[0])
         sampler.reset()
         start = time.perf_counter()
-        final = strategy.run(grid, None)
+        strategy.run(grid, None)
         seconds = time.perf_counter() - start
         server = sampler.snapshot()
         clients = grid.memory()
@@ -136,6 +143,8 @@ def run_one(args: argparse.Namespace) -> dict:
     model_bytes = sum(spec.nbytes for spec in specs.values())
     result = {
         "mode": args.mode, "clients": args.clients, "layers": args.layers, "vocab": args.vocab or 128256,
+        "strategy": args.strategy, "rounds": args.rounds,
+        "round_seconds_each": [round(r.seconds, 2) for r in strategy.history],
         "groups": record.groups, "aggregated": len(record.aggregated), "failures": record.failures,
         "model_gb": model_bytes / 1e9, "round_seconds": round(seconds, 2),
         "client_gb_per_s": round(args.clients * model_bytes / seconds / 1e9, 3),
@@ -145,7 +154,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "client_vmhwm_mb": max(round(c["vmhwm_mb"]) for c in clients),
         "bytes_up": record.bytes_up,
     }  # fmt: skip
-    shutil.rmtree(final)
+    shutil.rmtree(run_dir.path)
     return result
 
 
@@ -168,6 +177,41 @@ def numpy_baseline(model: Path, clients: int, repeats: int = 2) -> dict:
         weighted_mean(states, [1.0 + i for i in range(clients)], bf16=True)
         best = min(best, time.perf_counter() - start)
     return {"clients": clients, "bytes": nbytes, "seconds": round(best, 3), "gb_per_s": round(nbytes / best / 1e9, 3)}
+
+
+# --- server optimizers against FedAvg ------------------------------------------------------------------------
+
+
+def compare_strategies(args: argparse.Namespace) -> dict:
+    """Each strategy on the same models, N and k, in a fresh process each; the server peak ratio to FedAvg's."""
+    results = {"ram_gb": _ram_gb(), "max_message_mb": args.max_message_mb, "rounds": args.rounds, "runs": []}
+    vocab = args.vocab
+    for layers in args.layers:
+        full_models = build_models(args.work, max(args.layers), args.distinct, vocab)
+        views = [model_view(m, layers, args.work / "views" / f"v{vocab or 'full'}-k{layers}" / m.name) for m in full_models]
+        for clients in args.clients:
+            for strategy in args.strategies:
+                command = [sys.executable, "-m", f"bench.{BENCHMARK}", "--one", "--mode", "layerwise",
+                           "--clients", str(clients), "--layers", str(layers), "--strategy", strategy,
+                           "--rounds", str(args.rounds), "--max-message-mb", str(args.max_message_mb),
+                           "--run-root", str(args.work / "runs"), "--models", *map(str, views),
+                           *(["--vocab", str(vocab)] if vocab else [])]  # fmt: skip
+                print(f"running {strategy} N={clients} k={layers} vocab={vocab or 128256}", file=sys.stderr, flush=True)
+                done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=bench_results.ROOT)
+                if done.returncode != 0:
+                    raise SystemExit(f"{strategy} N={clients} k={layers} failed:\n{done.stderr[-3000:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                results["runs"].append(row)
+    ratios = {}
+    for row in results["runs"]:
+        fedavg = next(r for r in results["runs"] if r["strategy"] == "fedavg" and r["clients"] == row["clients"]
+                      and r["layers"] == row["layers"])  # fmt: skip
+        if row["strategy"] != "fedavg":
+            key = f"{row['strategy']},N={row['clients']},k={row['layers']}"
+            ratios[key] = round(row["server_peak_anon_mb"] / fedavg["server_peak_anon_mb"], 3)
+    results["targets"] = {"server_peak_over_fedavg": ratios}  # target <= 1.10
+    return results
 
 
 # --- the sweep ---------------------------------------------------------------------------------------------------
@@ -340,6 +384,8 @@ def main() -> None:
     parser.add_argument("--compare-layers", type=int, nargs="+", default=[1])
     parser.add_argument("--compare-clients", type=int, nargs="+", default=[2])
     parser.add_argument("--max-message-mb", type=float, default=256, help="MiB per group message")
+    parser.add_argument("--strategies", nargs="+", help="compare these strategy.name values (the first: fedavg)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per run (2 to read a server optimizer's state back)")
     parser.add_argument(
         "--replot", action="store_true",
         help="no runs: merge the results file of these --layers, --clients and --max-message-mb with the sweep rows "
@@ -349,6 +395,7 @@ def main() -> None:
     parser.add_argument("--one", action="store_true")
     parser.add_argument("--mode", default="layerwise")
     parser.add_argument("--vocab", type=int)
+    parser.add_argument("--strategy", default="fedavg")
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--run-root", type=Path)
     args = parser.parse_args()
@@ -359,6 +406,13 @@ def main() -> None:
     variant = (f"llama70b-k{'-'.join(map(str, args.layers))}-n{'-'.join(map(str, args.clients))}"
                f"-{args.max_message_mb:g}mib")  # fmt: skip
     load_before = bench_results.load()
+    if args.strategies:
+        if args.strategies[0] != "fedavg":
+            parser.error("--strategies: list fedavg first, the baseline")
+        variant = f"{'-'.join(args.strategies)}-{variant}-v{args.vocab or 'full'}-r{args.rounds}"
+        path = bench_results.write(BENCHMARK, variant, compare_strategies(args), load_before)
+        print(path.read_text())
+        return
     results = replot(variant) if args.replot else sweep(args)
     path = bench_results.write(BENCHMARK, variant, results, load_before)
     plot(results, path.with_suffix(".png"))

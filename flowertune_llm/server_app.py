@@ -1,5 +1,5 @@
 """ServerApp: federated averaging of LoRA/DoRA adapters (or, training off, of whole models) group by group,
-with a cosine learning-rate schedule across rounds (federated/start.py sets a run up, federated/strategy.py
+FedAvg or a server optimizer on it, with a cosine learning-rate schedule across rounds (federated/start.py sets a run up, federated/strategy.py
 runs it)."""
 
 import logging
@@ -9,9 +9,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from flowertune_llm.config import parse_run_config
 from flowertune_llm.federated import start
-from flowertune_llm.federated.strategy import StreamingFedAvg
+from flowertune_llm.federated.strategy import StreamingStrategy, describe_strategy
 from flowertune_llm.observe import report
 from flowertune_llm.observe.profiling import OFF, PROFILE_FILE, Recorder
+from flowertune_llm.training.partitions import describe_partitioning
 from flowertune_llm.units import MiB
 
 log = logging.getLogger(f"flwr.{__name__}")
@@ -26,9 +27,12 @@ def main(grid: Grid, context: Context) -> None:
     run_dir, resumed = start.run_directory(config, context.run_id, source)
     exchange, initial = start.global_model(config, run_dir, write_initial=resumed is None)
     log.info("Exchanging %s (aggregation.mode=%s)", exchange.describe(), config.aggregation.mode)
+    log.info("Strategy: %s", describe_strategy(config, exchange))
+    if not config.aggregation_only:
+        log.info("Partitioning: %s", describe_partitioning(config.partition))
 
     profile = Recorder("server", run_dir.path / PROFILE_FILE) if config.profile.enabled else OFF
-    strategy = StreamingFedAvg(config, run_dir, exchange, profile, resume=resumed)
+    strategy = StreamingStrategy(config, run_dir, exchange, profile, resume=resumed, base=start.base_model(config))
     try:
         final = strategy.run(grid, initial)
     finally:

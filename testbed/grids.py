@@ -76,7 +76,11 @@ class InProcessNode:
         from flowertune_llm.observe.profiling import OFF
 
         self.seen.append(message.metadata.message_type)
-        return Message(handle(message.metadata.message_type, message.content, self.node_round, OFF), reply_to=message)
+        try:
+            content = handle(message.metadata.message_type, message.content, self.node_round, OFF)
+        except Exception as error:  # noqa: BLE001 - as Flower does: the ClientApp's exception becomes an error reply
+            return error_reply(message, f"{type(error).__name__}: {error}")
+        return Message(content, reply_to=message)
 
 
 class ScriptedGrid(LocalGrid):
@@ -220,6 +224,30 @@ class ProcessGrid(LocalGrid):
     def __exit__(self, *exc: object) -> None:
         for _, process in self._nodes.values():
             process.kill()
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = _stamp(message)
+            self._sent[message_id] = message
+            self._nodes[message.metadata.dst_node_id][0].send((message_id, message.metadata.message_type, message.content))
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        while True:
+            try:
+                message_id, content = self._replies.get(timeout=0.05)
+            except queue.Empty:
+                break
+            original = self._sent.pop(message_id)
+            reply = (Message(Error(code=0, reason=repr(content)), reply_to=original) if isinstance(content, Exception)
+                     else Message(content, reply_to=original))  # fmt: skip
+            self._ready[message_id] = _from_node(reply, original)
+        return [self._ready.pop(i) for i in list(message_ids) if i in self._ready]
 
     def memory(self) -> list[dict]:
         for connection, _ in self._nodes.values():

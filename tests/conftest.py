@@ -132,8 +132,8 @@ def through_deployment(record: ArrayRecord) -> ArrayRecord:
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
-    """Every file of a directory by name, with its bytes: two checkpoints compared byte for byte."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """Every file under a directory by relative path, with its bytes: two checkpoints compared byte for byte."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # --- profiles ---

@@ -26,6 +26,11 @@ QUANTIZATIONS = (0, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")
 DATASET_FORMATS = ("general-nlp", "finance", "medical", "code", "alpaca")
 AGGREGATION_MODES = ("layerwise", "all_at_once")
+UPDATE_FORMATS = ("float32", "bfloat16", "int8")  # weights/codec.py
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
+# strategy.server-learning-rate=0 means the strategy's own default: Flower's classes' (Reddi et al.'s for the
+# adaptive ones). FedAvg and FedProx have no server step.
+DEFAULT_SERVER_LEARNING_RATES = {"fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01, "fedadagrad": 0.1}
 # flwr-datasets' partitioners: IID, label-skewed (by a column or a derived one), and size-skewed.
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "shard", "linear", "square", "exponential")
 LABEL_SKEWED = ("dirichlet", "pathological", "shard")
@@ -139,17 +144,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Which nodes train each round and how long the server waits for them."""
+    """Which nodes train each round, how long the server waits for them, and how their updates become the
+    new global model: FedAvg, a server optimizer on the pseudo-gradient, or FedProx's proximal term."""
 
     PREFIX: ClassVar[str] = "strategy."
+    name: str  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad | fedprox
     fraction_train: float
     min_train_nodes: int
     round_timeout: float  # seconds; LLM rounds can outlast Flower's one-hour default
+    server_learning_rate: float  # η of the server step; 0: the strategy's default (DEFAULT_SERVER_LEARNING_RATES)
+    server_momentum: float  # μ, FedAvgM
+    beta_1: float  # FedAdam, FedYogi, FedAdagrad: the first moment's decay
+    beta_2: float  # FedAdam, FedYogi: the second moment's decay
+    tau: float  # FedAdam, FedYogi, FedAdagrad: added to √v, bounds the step where v is small
+    proximal_mu: float  # FedProx: the weight of (μ/2)·||w - w_global||² in each node's loss
 
     def __post_init__(self) -> None:
+        _require(self, "name", self.name in STRATEGIES, f"allowed: {', '.join(STRATEGIES)}")
         _require(self, "fraction_train", 0 < self.fraction_train <= 1, "allowed: 0 < fraction <= 1")
         _require(self, "min_train_nodes", self.min_train_nodes >= 1, "must be >= 1")
         _require(self, "round_timeout", self.round_timeout > 0, "seconds, must be > 0")
+        _require(self, "server_learning_rate", 0 <= self.server_learning_rate < math.inf,
+                 "must be > 0, or 0 for the strategy's default")  # fmt: skip
+        _require(self, "server_momentum", 0 <= self.server_momentum < 1, "allowed: 0 <= momentum < 1")
+        _require(self, "beta_1", 0 <= self.beta_1 < 1, "allowed: 0 <= beta < 1")
+        _require(self, "beta_2", 0 <= self.beta_2 < 1, "allowed: 0 <= beta < 1")
+        _require(self, "tau", 0 < self.tau < math.inf, "must be > 0 (it keeps the step finite where v = 0)")
+        _require(self, "proximal_mu", 0 <= self.proximal_mu < math.inf, "must be >= 0")
+
+    @property
+    def has_server_optimizer(self) -> bool:
+        return self.name in DEFAULT_SERVER_LEARNING_RATES
+
+    @property
+    def learning_rate(self) -> float:
+        """The server step's η: as given, or the strategy's default."""
+        return self.server_learning_rate or DEFAULT_SERVER_LEARNING_RATES.get(self.name, 1.0)
 
 
 @dataclass(frozen=True)
@@ -172,6 +202,22 @@ class AggregationConfig:
     def max_message_bytes(self) -> float:
         """The group budget: unbounded (one group) for all_at_once."""
         return self.max_message_mb * 2**20 if self.mode == "layerwise" else math.inf
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """What an adapter travels as: its weights (float32), or its change from the global model both ends hold
+    in bfloat16 or int8 (weights/codec.py), up from the nodes and down from the server."""
+
+    PREFIX: ClassVar[str] = "exchange."
+    update_format: str  # float32 | bfloat16 | int8
+
+    def __post_init__(self) -> None:
+        _require(self, "update_format", self.update_format in UPDATE_FORMATS, f"allowed: {', '.join(UPDATE_FORMATS)}")
+
+    @property
+    def compressed(self) -> bool:
+        return self.update_format != "float32"
 
 
 @dataclass(frozen=True)
@@ -252,6 +298,7 @@ class RunConfig:
     train: TrainConfig
     strategy: StrategyConfig
     aggregation: AggregationConfig
+    exchange: ExchangeConfig
     dataset: DatasetConfig
     partition: PartitionConfig
     output: OutputConfig
@@ -260,6 +307,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self, "num_server_rounds", self.num_server_rounds > 0, "must be a positive integer")
+        if self.exchange.compressed and self.exchanges_full_weights:
+            raise ConfigError("exchange.update-format", self.exchange.update_format,
+                              "compresses adapters; a full-model aggregation-only run (max-steps=0, quantization=0) "
+                              "exchanges its weights as stored: use float32")  # fmt: skip
         if self.eval.every_round and self.aggregation_only:
             raise ConfigError("eval.every-round", self.eval.every_round,
                               "an aggregation-only run (train.training-arguments.max-steps=0) trains nothing to evaluate")  # fmt: skip

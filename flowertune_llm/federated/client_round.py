@@ -24,6 +24,7 @@ from flowertune_llm.config import NodeConfig, NodeConfigError, RunConfig, run_co
 from flowertune_llm.federated import protocol
 from flowertune_llm.observe.profiling import Profiler
 from flowertune_llm.training import data, models, sft
+from flowertune_llm.weights.codec import encode_group
 from flowertune_llm.weights.node_state import EVAL, TRAIN, NodeState, ReceivedGroups
 from flowertune_llm.weights.transport import from_record, to_record
 
@@ -54,24 +55,53 @@ def handle(message_type: str, content: RecordDict, node_round: NodeRound, profil
         _store(ins.group, ins.header, state, TRAIN if message_type == protocol.RECEIVE else EVAL)
         return protocol.Ack().to_content()
     if message_type == protocol.SEND:
-        return send(protocol.SendIns.from_content(content), state).to_content()
+        return send(protocol.SendIns.from_content(content), node_round, state).to_content()
     if message_type == protocol.EVALUATE:
         return evaluate(protocol.EvaluateIns.from_content(content), node_round, state, profile).to_content()
     return train(protocol.TrainIns.from_content(content), node_round, state, profile).to_content()
 
 
 def _store(group: protocol.Group, header: protocol.Header, state: NodeState, phase: str = TRAIN) -> None:
-    """A group of the global model (``*.receive``, or the last one riding with ``train``/``evaluate``)."""
+    """A group of the global model (``*.receive``, or the last one riding with ``train``/``evaluate``): its
+    weights, its change from the model this node holds, or (the last group only) word that it holds it."""
+    if group.held:
+        state.receive_held(header.server_round, group.base_round, phase)
+        return
     if group.index == 0:
         state.begin_round(header.server_round, phase)
-    state.receive(header.server_round, group.index, group.count, from_record(group.arrays), group.manifest, phase)
+    tensors = from_record(group.arrays)
+    if group.change_format is not None:
+        state.receive_change(header.server_round, group.index, group.count, tensors, group.manifest,
+                             group.change_format, group.base_round, phase)  # fmt: skip
+    else:
+        state.receive(header.server_round, group.index, group.count, tensors, group.manifest, phase)
+
+
+def _store_last(group: protocol.Group, header: protocol.Header, state: NodeState, config: RunConfig, phase: str) -> None:
+    """The last group, and then (compressed updates) the whole global model kept: the next may come as a change."""
+    _store(group, header, state, phase)
+    if config.exchange.compressed and not group.held:
+        model_round = header.server_round - 1 if phase == TRAIN else header.server_round
+        state.hold(header.server_round, model_round, phase)
+
+
+def _reply_arrays(keys: list[str], server_round: int, state: NodeState, config: RunConfig):
+    """Group ``keys`` of this round's update: its weights, or (compressed) its change from the global model."""
+    with state.source(server_round) as source:
+        update = source.group(keys)
+        if not config.exchange.compressed:
+            return to_record(update), source.specs
+        received = state.received(server_round)
+        assert received is not None  # compressed updates are for adapters, which always come down
+        with received:
+            return to_record(encode_group(update, received.group(keys), config.exchange.update_format)), source.specs
 
 
 def train(ins: protocol.TrainIns, node_round: NodeRound, state: NodeState, profile: Profiler) -> protocol.TrainRes:
     """``train``: take the global weights, train on this node's data, answer with the update's first group."""
     server_round, config = ins.header.server_round, node_round.run
     if ins.group is not None:
-        _store(ins.group, ins.header, state)
+        _store_last(ins.group, ins.header, state, config, TRAIN)
     else:
         state.begin_round(server_round)
     received = state.received(server_round)
@@ -81,18 +111,17 @@ def train(ins: protocol.TrainIns, node_round: NodeRound, state: NodeState, profi
     else:
         if received is None:
             raise ValueError(f"round {server_round}: the train message came without the global adapter")
-        weight, loss, step_seconds = _train(node_round, state, server_round, received, ins.learning_rate, profile)
+        weight, loss, step_seconds = _train(node_round, state, server_round, received, ins, profile)
 
-    with state.source(server_round) as source, profile.span("adapter_out"):
-        arrays = to_record(source.group(ins.reply_keys))
-        manifest = source.specs
+    with profile.span("adapter_out"):
+        arrays, manifest = _reply_arrays(ins.reply_keys, server_round, state, config)
     return protocol.TrainRes(arrays, manifest, weight, loss, step_seconds)
 
 
-def send(ins: protocol.SendIns, state: NodeState) -> protocol.SendRes:
+def send(ins: protocol.SendIns, node_round: NodeRound, state: NodeState) -> protocol.SendRes:
     """``train.send``: one more group of this round's update."""
-    with state.source(ins.header.server_round) as source:
-        return protocol.SendRes(to_record(source.group(ins.keys)))
+    arrays, _ = _reply_arrays(ins.keys, ins.header.server_round, state, node_round.run)
+    return protocol.SendRes(arrays)
 
 
 def _hold(node_round: NodeRound, state: NodeState, server_round: int, received: ReceivedGroups | None) -> float:
@@ -117,7 +146,7 @@ def own_weights(node_round: NodeRound) -> Path:
 
 
 def _train(
-    node_round: NodeRound, state: NodeState, server_round: int, received: ReceivedGroups, learning_rate: float,
+    node_round: NodeRound, state: NodeState, server_round: int, received: ReceivedGroups, ins: protocol.TrainIns,
     profile: Profiler,
 ) -> tuple[float, float, float]:  # fmt: skip
     config = node_round.run
@@ -127,9 +156,8 @@ def _train(
         span["examples"] = len(dataset)
     model, tokenizer = _model_with(received, config, profile)
     with profile.span("train") as span:
-        result = sft.train_round(
-            model, tokenizer, dataset, config.train, config.model, learning_rate=learning_rate, server_round=server_round
-        )
+        result = sft.train_round(model, tokenizer, dataset, config.train, config.model, learning_rate=ins.learning_rate,
+                                 server_round=server_round, proximal_mu=ins.proximal_mu)  # fmt: skip
         span.update(
             steps=result.steps, tokens=result.tokens, tokenize_seconds=result.prepare_seconds,
             step_seconds=result.step_seconds,
@@ -155,7 +183,7 @@ def _model_with(received: ReceivedGroups, config: RunConfig, profile: Profiler):
 def _node_data(node_round: NodeRound):
     """``(train, held out)``: the node's data, its held-out share taken out when the run evaluates (else None)."""
     config = node_round.run
-    dataset = data.load_node_dataset(config.dataset, node_round.node)
+    dataset = data.load_node_dataset(config.dataset, config.partition, config.train.seed, node_round.node)
     if not config.eval.every_round:
         return dataset, None
     return data.split_held_out(dataset, config.eval.fraction, config.train.seed)
@@ -164,7 +192,7 @@ def _node_data(node_round: NodeRound):
 def evaluate(ins: protocol.EvaluateIns, node_round: NodeRound, state: NodeState, profile: Profiler) -> protocol.EvaluateRes:
     """``evaluate``: the global model's completion loss on this node's held-out examples."""
     server_round, config = ins.header.server_round, node_round.run
-    _store(ins.group, ins.header, state, EVAL)
+    _store_last(ins.group, ins.header, state, config, EVAL)
     received = state.received(server_round, EVAL)
     with profile.span("data_load") as span:
         _, held_out = _node_data(node_round)

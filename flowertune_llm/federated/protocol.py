@@ -4,7 +4,8 @@ A round between the server and one node (federated/strategy.py drives it, federa
 
     server -> node   train.receive   ReceiveIns   a group of the global model (all groups but the last)
     node -> server                   Ack          stored
-    server -> node   train           TrainIns     train at this learning rate; the last group rides along
+    server -> node   train           TrainIns     train at this learning rate (and FedProx's mu); the last
+                                                  group rides along
     node -> server                   TrainRes     the update's first group, its manifest, weight and loss
     server -> node   train.send      SendIns      the keys of the update's next group
     node -> server                   SendRes      those tensors
@@ -54,8 +55,8 @@ QUERY = "query"
 _ARRAYS, _CONFIG, _METRICS, _PROFILE = "arrays", "config", "metrics", "profile"
 # Keys of the config and metric records.
 _ROUND, _PROFILE_ON = "server-round", "profile"
-_GROUP, _GROUPS, _MANIFEST = "group", "groups", "manifest"
-_LEARNING_RATE, _REPLY_KEYS, _KEYS = "learning-rate", "reply-keys", "keys"
+_GROUP, _GROUPS, _MANIFEST, _ENCODING = "group", "groups", "manifest", "encoding"
+_LEARNING_RATE, _PROXIMAL_MU, _REPLY_KEYS, _KEYS = "learning-rate", "proximal-mu", "reply-keys", "keys"
 _WEIGHT, _TRAIN_LOSS, _STEP_SECONDS = "weight", "train-loss", "step-seconds"
 _EVAL_LOSS, _EXAMPLES = "eval-loss", "examples"
 _NAME = "name"
@@ -109,15 +110,22 @@ class Header:
 @dataclass(frozen=True)
 class Group:
     """Group ``index`` of ``count`` of the global model; the first carries every tensor's spec (the manifest),
-    so a node knows when it holds the whole model and can check its disk space first."""
+    so a node knows when it holds the whole model and can check its disk space first.
+
+    ``encoding`` says what ``arrays`` hold (``exchange.update-format``, weights/codec.py): ``""`` the weights
+    as stored; ``"<format>:<r>"`` their change from the global model after round ``r``, which the node
+    holds; ``"held:<r>"`` nothing: the node holds this global model already (it is round ``r``'s), so only
+    the last group's message goes, empty.
+    """
 
     index: int
     count: int
     arrays: ArrayRecord
     manifest: dict[str, TensorSpec] | None = None
+    encoding: str = ""
 
     def _config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {_GROUP: self.index, _GROUPS: self.count}
+        config: dict[str, Any] = {_GROUP: self.index, _GROUPS: self.count, _ENCODING: self.encoding}
         if self.manifest is not None:
             config[_MANIFEST] = _manifest_to_json(self.manifest)
         return config
@@ -127,7 +135,32 @@ class Group:
         config = _record(content, _CONFIG)
         manifest = _manifest_from_json(str(config[_MANIFEST])) if _MANIFEST in config else None
         return cls(int(_value(config, _GROUP, _CONFIG)), int(_value(config, _GROUPS, _CONFIG)),
-                   _record(content, _ARRAYS), manifest)  # fmt: skip
+                   _record(content, _ARRAYS), manifest, str(config.get(_ENCODING, "")))  # fmt: skip
+
+    @property
+    def base_round(self) -> int | None:
+        """The round of the global model a change is taken from, or that the node holds; None for weights."""
+        return int(self.encoding.rsplit(":", 1)[1]) if self.encoding else None
+
+    @property
+    def held(self) -> bool:
+        return self.encoding.startswith(HELD + ":")
+
+    @property
+    def change_format(self) -> str | None:
+        """The update format of a change (``bfloat16``, ``int8``), or None."""
+        return self.encoding.split(":", 1)[0] if self.encoding and not self.held else None
+
+
+HELD = "held"
+
+
+def change_encoding(update_format: str, base_round: int) -> str:
+    return f"{update_format}:{base_round}"
+
+
+def held_encoding(model_round: int) -> str:
+    return f"{HELD}:{model_round}"
 
 
 @dataclass(frozen=True)
@@ -162,16 +195,19 @@ class TrainIns:
     """``train``: train at ``learning_rate`` (the server's schedule) and answer with the update's ``reply_keys``.
 
     ``group`` is the global model's last group when the model goes down this round (None when the nodes
-    already hold it: an aggregation-only run's first round).
+    already hold it: an aggregation-only run's first round). ``proximal_mu`` > 0 adds FedProx's
+    (mu/2)·||w - w_global||² to the node's loss.
     """
 
     header: Header
     learning_rate: float
     reply_keys: list[str]
     group: Group | None = None
+    proximal_mu: float = 0.0
 
     def to_content(self) -> RecordDict:
-        config = {**self.header.to_config(), _LEARNING_RATE: self.learning_rate, _REPLY_KEYS: list(self.reply_keys)}
+        config = {**self.header.to_config(), _LEARNING_RATE: self.learning_rate, _PROXIMAL_MU: self.proximal_mu,
+                  _REPLY_KEYS: list(self.reply_keys)}  # fmt: skip
         content = RecordDict()
         if self.group is not None:
             config.update(self.group._config())
@@ -187,6 +223,7 @@ class TrainIns:
             float(_value(config, _LEARNING_RATE, _CONFIG)),
             [str(key) for key in _value(config, _REPLY_KEYS, _CONFIG)],
             Group._from(content) if _ARRAYS in content else None,
+            float(_value(config, _PROXIMAL_MU, _CONFIG)),
         )
 
 

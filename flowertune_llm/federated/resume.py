@@ -4,6 +4,7 @@
 
 * the global model after round K is the kept checkpoint ``checkpoints/round-K`` itself;
 * the learning rate of a round depends on the round number only (federated/schedule.py);
+* a server optimizer's state after round K is saved inside that checkpoint (``server_optimizer/``);
 * the node sampler's random state after round K is saved inside that checkpoint (:data:`STATE_FILE`),
   written last, once the round's history is saved: a checkpoint without it (the process died in between)
   is not resumed from, the kept one before it is;
@@ -115,14 +116,17 @@ def prepare(source: Path, current_flat: Mapping[str, Any], num_rounds: int, run_
 
 
 def _link_tree(source: Path, target: Path) -> None:
-    """``source``'s files at ``target``: hard links (no copy of a 141 GB model), copies across filesystems."""
+    """``source``'s files at ``target`` (a server optimizer's state directory included): hard links (no copy
+    of a 141 GB model), copies across filesystems."""
     scratch = target.with_name(f".{target.name}.partial-resume")
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    for file in source.iterdir():
+
+    def link(file: str, to: str) -> None:
         try:
-            os.link(file, scratch / file.name)
+            os.link(file, to)
         except OSError:
-            shutil.copy2(file, scratch / file.name)
+            shutil.copy2(file, to)
+
+    shutil.copytree(source, scratch, copy_function=link)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)

@@ -87,3 +87,13 @@ def global_model(config: RunConfig, run_dir: RunDirectory, write_initial: bool =
         state = models.load_init_adapter(config.model, specs_of(state))
         log.info("Round 1 starts from the adapter in %s", config.model.init_adapter)
     return exchange, exchange.write(run_dir.checkpoint_dir(0), state)
+
+
+def base_model(config: RunConfig) -> Path | None:
+    """The model a full-model run's nodes start from, when a server optimizer needs it on the server too (it
+    steps from the global model, and in round 1 the server sends none: the nodes hold it)."""
+    if not (config.exchanges_full_weights and config.strategy.has_server_optimizer):
+        return None
+    log.info("strategy.name=%s steps from the global model: reading the base model's weights from %s",
+             config.strategy.name, config.model.name)  # fmt: skip
+    return models.local_weights(config.model.name)

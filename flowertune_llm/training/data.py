@@ -1,4 +1,4 @@
-"""Instruction data: federated partitions and one prompt formatter per FlowerTune challenge.
+"""Instruction data: federated partitions (training/partitions.py) and one prompt formatter per FlowerTune challenge.
 
 Each formatter turns a record into ``prompt`` and ``completion``; TRL's SFTTrainer then puts the loss on
 the completion only. The prompts follow the FlowerTune leaderboard's training templates (templates.py).
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset
 from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import IidPartitioner
 
 from flowertune_llm import builtin
-from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError
+from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError, PartitionConfig
 from flowertune_llm.config.node import LOCAL_DATA_FORMATS
+from flowertune_llm.training import partitions
 from flowertune_llm.training.templates import alpaca_prompt, flowertune_prompt
 
 Record = dict[str, Any]
@@ -139,40 +139,67 @@ def check_local_dataset(config: DatasetConfig) -> None:
         check_columns(columns, config)
 
 
-_federated: dict[tuple[DatasetConfig, int], FederatedDataset] = {}
-_partitions: dict[tuple[DatasetConfig, int, int], Dataset] = {}
+# Keyed by everything the split depends on: the data, the partitioning, the seed, the number of nodes, and the
+# derived label columns added to it (the CLI adds one to show; training adds only what the partitioner needs).
+_federated: dict[tuple[DatasetConfig, PartitionConfig, int, int, tuple[str, ...]], FederatedDataset] = {}
+_partitions: dict[tuple[DatasetConfig, PartitionConfig, int, int, int], Dataset] = {}
 
 
-def load_partition(config: DatasetConfig, partition_id: int, num_partitions: int) -> Dataset:
-    """This node's IID share of the training split, formatted; cached for the life of the process."""
-    key = (config, partition_id, num_partitions)
+def federated_dataset(
+    config: DatasetConfig, partition: PartitionConfig, seed: int, num_partitions: int, shown_labels: str = ""
+) -> FederatedDataset:
+    """``static.dataset.name`` split among ``num_partitions`` nodes as ``partition.*`` says, seeded with ``seed``.
+
+    Checked once when built (cached for the life of the process): every node gets at least one example, or a
+    ``ConfigError`` names the node and the key (training/partitions.py). ``shown_labels`` adds a derived label
+    column for ``flowertune-llm partitions`` to count; an added column changes no node's share.
+    """
+    derived = tuple(sorted({partitions.label_column(partition), shown_labels} & set(partitions.DERIVED_LABELS)))
+    key = (config, partition, seed, num_partitions, derived)
+    if key not in _federated:
+        add_labels = partitions.label_adder(derived, config.format)
+
+        def prepare(splits: DatasetDict) -> DatasetDict:  # after flwr-datasets' shuffle, before partitioning
+            check_columns(splits[partitions.SPLIT].column_names, config)  # what derived labels read
+            return add_labels(splits)
+
+        federated = FederatedDataset(
+            partitioners={partitions.SPLIT: partitions.partitioner(partition, num_partitions, seed)},
+            preprocessor=prepare if derived else None, seed=seed, **_load_dataset_kwargs(config),
+        )  # fmt: skip
+        examples = len(federated.load_split(partitions.SPLIT))
+        if examples < num_partitions:
+            raise ConfigError("static.dataset.name", config.name,
+                              f"{examples} example(s), fewer than the {num_partitions} partitions (num-partitions) "
+                              "it is split into: every node needs at least one")  # fmt: skip
+        partitions.split_sizes(federated, partition, num_partitions, seed)
+        _federated[key] = federated
+    return _federated[key]
+
+
+def load_partition(
+    config: DatasetConfig, partition: PartitionConfig, seed: int, partition_id: int, num_partitions: int
+) -> Dataset:
+    """This node's share of the training split (``partition.*``: IID by default), formatted; cached per process."""
+    key = (config, partition, seed, partition_id, num_partitions)
     if key not in _partitions:
-        if (config, num_partitions) not in _federated:
-            federated = FederatedDataset(
-                partitioners={"train": IidPartitioner(num_partitions=num_partitions)}, **_load_dataset_kwargs(config)
-            )
-            examples = len(federated.load_split("train"))
-            if examples < num_partitions:
-                raise ConfigError("static.dataset.name", config.name,
-                                  f"{examples} example(s), fewer than the {num_partitions} partitions (num-partitions) "
-                                  "it is split into: every node needs at least one")  # fmt: skip
-            _federated[(config, num_partitions)] = federated
-        partition = _federated[(config, num_partitions)].load_partition(partition_id, "train")
-        _partitions[key] = format_dataset(partition, config)
+        federated = federated_dataset(config, partition, seed, num_partitions)
+        _partitions[key] = format_dataset(federated.load_partition(partition_id, partitions.SPLIT), config)
     return _partitions[key]
 
 
 _local: dict[tuple[str, str], Dataset] = {}
 
 
-def load_node_dataset(config: DatasetConfig, node: NodeConfig) -> Dataset:
+def load_node_dataset(config: DatasetConfig, partition: PartitionConfig, seed: int, node: NodeConfig) -> Dataset:
     """The data this node trains on, formatted.
 
     A data owner's own file (``dataset-path``, optionally ``dataset-format``, in the node config) is used
-    whole; without one the node takes its IID partition of ``static.dataset.name``.
+    whole; without one the node takes its partition of ``static.dataset.name`` (``partition.*``, seeded with
+    ``seed``, the run's ``train.seed``).
     """
     if node.dataset_path is None:
-        return load_partition(config, *node.partition())
+        return load_partition(config, partition, seed, *node.partition())
     path, format_name = node.dataset_path, node.dataset_format or config.format
     if not path.is_file():
         raise NodeConfigError(f"node config dataset-path='{path}': no such file")

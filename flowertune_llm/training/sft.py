@@ -1,4 +1,5 @@
-"""One round of local supervised fine-tuning with TRL, at the learning rate the server chose."""
+"""One round of local supervised fine-tuning with TRL, at the learning rate the server chose (and, for
+FedProx, with the proximal term it asked for)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,50 @@ _UNUSED_OUTPUT_DIR = str(Path(tempfile.gettempdir()) / "flowertune-llm-trainer-u
 _tokenized: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
 
 
+class ProximalSFTTrainer(SFTTrainer):
+    """TRL's trainer with FedProx's term (mu/2)·||w - w_global||² over the trainable (adapter) weights.
+
+    ``w_global`` is a detached copy of the adapter as the round began (:meth:`anchor`): the adapter only,
+    never the model (FedProx implementations that deep-copy the model hold a second base model).
+
+    The term enters the gradient, not the reported loss: ``term - term.detach()`` is zero in value, so
+    ``train_loss`` stays the task's loss and compares across strategies. It is added once per optimizer
+    step: Trainer divides each micro-batch's loss by the accumulation steps unless the model already
+    normalised it by the batch's token count, and the term is scaled to match either way.
+    """
+
+    def __init__(self, *args, proximal_mu: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proximal_mu = proximal_mu
+        self._anchors: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def anchor(self) -> None:
+        """Take the trainable weights as they are now as ``w_global`` (after any dtype change of the adapter)."""
+        self._anchors = [(p, p.detach().clone()) for p in self.model.parameters() if p.requires_grad]
+
+    def proximal_term(self) -> torch.Tensor:
+        terms = [torch.sum((p - anchor) ** 2) for p, anchor in self._anchors]
+        return (self.proximal_mu / 2) * torch.stack(terms).sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # return_outputs passed through as asked: TRL recomputes the logits with a second forward pass for it.
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not (self.model.training and self._anchors):
+            return result
+        loss = result[0] if return_outputs else result
+        term = self.proximal_term().to(loss.device)
+        if self._loss_scaled_for_accumulation(num_items_in_batch):
+            term = term / self.current_gradient_accumulation_steps
+        loss = loss + (term - term.detach())
+        return (loss, *result[1:]) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        # Trainer.training_step's own test (transformers 5): True when it will NOT divide by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+
 def _remove_input_require_grads_hooks(model: PeftModel) -> None:
     # Every trainer built with gradient checkpointing adds a forward hook on the input embeddings and never
     # removes it; across hundreds of rounds they pile up.
@@ -121,30 +166,13 @@ def train_round(
     model_config: ModelConfig,
     learning_rate: float,
     server_round: int,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
-    cache_key = (id(dataset), train.seq_length)
-    cached = _tokenized.get(cache_key)
-    train_dataset = cached[1] if cached and cached[0] is dataset else dataset
-
-    prepare_start = time.perf_counter()
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(train, model_config, learning_rate, server_round, _UNUSED_OUTPUT_DIR),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-    )
-    # The round's loss is reported once by the caller; per-step dict prints would drown the federation's log.
-    trainer.remove_callback(PrinterCallback)
+    trainer, prepare_seconds = build_trainer(model, tokenizer, dataset, train, model_config, learning_rate,
+                                             server_round, proximal_mu)  # fmt: skip
     step_timer = _StepTimer()
     trainer.add_callback(step_timer)
-    _tokenized[cache_key] = (dataset, trainer.train_dataset)
-    # SFTTrainer casts a quantized model's adapter to bf16; the federation exchanges and averages float32.
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-
     start = time.perf_counter()
-    prepare_seconds = start - prepare_start
     output = trainer.train()
     seconds = time.perf_counter() - start
     _remove_input_require_grads_hooks(model)
@@ -157,6 +185,35 @@ def train_round(
         seconds=seconds,
         step_seconds=step_timer.seconds,
     )
+
+
+def build_trainer(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, train: TrainConfig,
+    model_config: ModelConfig, learning_rate: float, server_round: int, proximal_mu: float = 0.0,
+) -> tuple[ProximalSFTTrainer, float]:  # fmt: skip
+    """The round's trainer (tokenized data cached across rounds), and the seconds it took to build."""
+    cache_key = (id(dataset), train.seq_length)
+    cached = _tokenized.get(cache_key)
+    train_dataset = cached[1] if cached and cached[0] is dataset else dataset
+
+    prepare_start = time.perf_counter()
+    trainer = ProximalSFTTrainer(
+        model=model,
+        args=sft_config(train, model_config, learning_rate, server_round, _UNUSED_OUTPUT_DIR),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        proximal_mu=proximal_mu,
+    )
+    # The round's loss is reported once by the caller; per-step dict prints would drown the federation's log.
+    trainer.remove_callback(PrinterCallback)
+    _tokenized[cache_key] = (dataset, trainer.train_dataset)
+    # SFTTrainer casts a quantized model's adapter to bf16; the federation exchanges and averages float32.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if proximal_mu > 0:
+        trainer.anchor()  # w_global: the adapter the server sent, as it will be trained (float32)
+    return trainer, time.perf_counter() - prepare_start
 
 
 def held_out_loss(

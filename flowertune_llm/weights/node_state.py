@@ -14,14 +14,18 @@ is read back from those files through mmap, so the node never holds a second mat
         round-<r>/update/                 the node's trained update (a safetensors checkpoint)
         round-<r>/source.json             what this round's groups are served from
         eval-<r>/received/...             round r's new global model, sent for federated evaluation
+        held/                             with compressed updates: the last global model received whole
+                                          (hard links to its received files) and its round, held.json
 
 Only one phase's files are kept at a time: beginning one (training round r, or evaluating its result)
-drops the others, a global model's worth of disk each.
+drops the others, a global model's worth of disk each. With compressed updates (weights/codec.py) the
+node keeps the last global model it received in ``held/``: the next one may come as a change from it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +36,7 @@ from safetensors import safe_open
 
 from flowertune_llm import builtin
 from flowertune_llm.atomic import write_atomic, write_json
+from flowertune_llm.weights.codec import piece_keys, rebuild_group
 from flowertune_llm.weights.disk import check_disk_space
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
 from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter, save_local_checkpoint
@@ -150,6 +155,50 @@ class NodeState:
         if len(files) != total:
             raise RuntimeError(f"received {len(files)} of {total} groups of round {server_round} ({directory})")
         return ReceivedGroups(directory)
+
+    # --- the held global model (compressed updates) ---------------------------------------------------------------
+
+    @property
+    def _held(self) -> Path:
+        return self.root / "held"
+
+    def hold(self, server_round: int, model_round: int, phase: str = TRAIN) -> None:
+        """Keep the global model just received whole (the one made by round ``model_round``) as ``held/``."""
+        received = self._round(server_round, phase) / "received"
+        scratch = self.root / ".held.partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(received, scratch, copy_function=os.link)  # received files are never rewritten
+        write_json(scratch / "held.json", {"round": model_round})
+        shutil.rmtree(self._held, ignore_errors=True)
+        os.replace(scratch, self._held)
+
+    def held_round(self) -> int | None:
+        record = self._held / "held.json"
+        return json.loads(record.read_text())["round"] if record.is_file() else None
+
+    def _check_held(self, model_round: int) -> None:
+        held = self.held_round()
+        if held != model_round:
+            holds = "no global model" if held is None else f"round {held}'s"
+            raise ValueError(f"sent for the global model of round {model_round}, but this node holds {holds}")
+
+    def receive_change(
+        self, server_round: int, index: int, total: int, wire: Mapping[str, torch.Tensor],
+        manifest: Mapping[str, TensorSpec] | None, update_format: str, base_round: int, phase: str = TRAIN,
+    ) -> None:  # fmt: skip
+        """Store group ``index`` of the global model, rebuilt from its change from the held model."""
+        self._check_held(base_round)
+        with ReceivedGroups(self._held) as held:
+            tensors = rebuild_group(wire, held.group(piece_keys(wire)), update_format)
+        self.receive(server_round, index, total, tensors, manifest, phase)
+
+    def receive_held(self, server_round: int, model_round: int, phase: str = TRAIN) -> None:
+        """This round's global model is the held one: every group of it, received without a byte moving."""
+        self._check_held(model_round)
+        self.begin_round(server_round, phase)
+        received = self._round(server_round, phase) / "received"
+        shutil.rmtree(received, ignore_errors=True)
+        shutil.copytree(self._held, received, copy_function=os.link, ignore=shutil.ignore_patterns("held.json"))
 
     def save_update(self, server_round: int, state: Mapping[str, torch.Tensor]) -> Path:
         return save_local_checkpoint(state, self._round(server_round) / "update")

@@ -231,6 +231,15 @@ class ShardedCheckpointWriter:
         )
         self._written.setdefault(piece.name, []).append((start, stop))
 
+    def inner_path(self, name: str) -> Path:
+        """A path inside the checkpoint being written (for a directory of its own, e.g. a server optimizer's
+        state): whatever is there when :meth:`commit` renames the checkpoint into place is committed with it."""
+        if self._scratch is None:
+            raise RuntimeError("writer is not open")
+        if "/" in name or name in {s.filename for s in self.layout.shards} | {INDEX_NAME} | set(self._extra):
+            raise ValueError(f"cannot use the name {name!r} inside the checkpoint")
+        return self._scratch / name
+
     def add_file(self, name: str, content: bytes | str | Path) -> None:
         """Put a small extra file (``config.json``, an adapter config) in the checkpoint, committed with it."""
         if "/" in name or name in {s.filename for s in self.layout.shards} | {INDEX_NAME}:

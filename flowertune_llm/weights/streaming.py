@@ -124,25 +124,32 @@ class GroupMean:
     def count(self) -> int:
         return len(self.weights)
 
-    def result(self) -> dict[str, torch.Tensor]:
-        """The mean in each piece's dtype. Consumes the accumulators (divided in place), so call it once."""
+    def means(self) -> dict[str, torch.Tensor]:
+        """The mean of each piece in float32 (the accumulators, divided in place). Consumes them: call once."""
         if not self.weights:
             raise ValueError("no update was added")
         total = float(torch.tensor(self.total_weight, dtype=torch.float32))  # divide once: one rounding, not two
-        out = {}
-        for key, acc in self._sum.items():
-            dtype = self.expected[key].dtype
-            if dtype == torch.float32:
-                out[key] = acc.div_(total)
-                continue
-            result, flat_sum = torch.empty(acc.shape, dtype=dtype), acc.view(-1)
-            flat_result = result.view(-1)
-            for start in _blocks(flat_sum.numel()):
-                stop = min(start + _BLOCK, flat_sum.numel())
-                flat_result[start:stop].copy_(flat_sum[start:stop].div_(total))  # round to nearest even, as .to()
-            out[key] = result
-        self._sum = {}
-        return out
+        means, self._sum = self._sum, {}
+        for acc in means.values():
+            flat = acc.view(-1)
+            for start in _blocks(flat.numel()):
+                flat[start : start + _BLOCK].div_(total)
+        return means
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The mean in each piece's dtype (rounded to nearest even, as ``.to()``). Consumes the accumulators."""
+        return {key: to_dtype(mean, self.expected[key].dtype) for key, mean in self.means().items()}
+
+
+def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (float32) in ``dtype``, converted block by block: no second full-size float32 copy."""
+    if dtype == torch.float32:
+        return values
+    result = torch.empty(values.shape, dtype=dtype)
+    flat_values, flat_result = values.view(-1), result.view(-1)
+    for start in _blocks(flat_values.numel()):
+        flat_result[start : start + _BLOCK].copy_(flat_values[start : start + _BLOCK])
+    return result
 
 
 # --- the round, group by group -------------------------------------------------------------------------------
@@ -194,6 +201,7 @@ def streaming_fedavg(
     *,
     min_clients: int = 1,
     span: Callable[..., AbstractContextManager] = _nothing,
+    apply: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> StreamResult[ClientId]:
     """Layer-wise FedAvg, independent of Flower: the round loop supplies ``fetch`` and the output.
 
@@ -204,6 +212,9 @@ def streaming_fedavg(
     predecessors arrive. The finished group goes to the sink from ``open_output()`` (e.g. a
     :class:`~flowertune_llm.weights.shards.ShardedCheckpointWriter`) and is freed. ``all_at_once`` is the same call
     with one group.
+
+    ``apply`` (a server optimizer's step, weights/server_optimizers.py) turns each piece's float32 mean into
+    the new global weights; without it the mean itself is written (FedAvg).
 
     A client refused in the first group (mismatch, NaN/Inf, no tensors) is simply skipped from then on. One
     refused in a later group has already been folded into groups that may be written; its share cannot be
@@ -242,8 +253,12 @@ def streaming_fedavg(
                     if mean.count < min_clients:
                         raise TooFewClients(mean.count, min_clients, left_out)
                     with span("write", group=index):
-                        for key, tensor in mean.result().items():
-                            sink.write(key, tensor)
+                        if apply is None:
+                            for key, tensor in mean.result().items():
+                                sink.write(key, tensor)
+                        else:
+                            for key, values in mean.means().items():
+                                sink.write(key, apply(key, values))
                     del mean
             return StreamResult(
                 aggregated=active, weights={c: weights[c] for c in active}, left_out=left_out, restarts=restarts

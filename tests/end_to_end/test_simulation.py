@@ -159,7 +159,7 @@ def test_federated_evaluation_scores_each_round_on_held_out_examples_never_train
     assert parents == {"handler"}
     assert sorted({e["examples"] for e in spans}) == [47, 186, 187]
     # And the split those counts come from holds out a disjoint share, the same in every process.
-    partition = load_partition(QUICKSTART.dataset, 0, 3)
+    partition = load_partition(QUICKSTART.dataset, QUICKSTART.partition, QUICKSTART.train.seed, 0, 3)
     rows = partition.add_column("row", list(range(len(partition))))  # the split depends on length and seed only
     train, held = split_held_out(rows, 0.2, QUICKSTART.train.seed)
     assert not set(train["row"]) & set(held["row"]) and len(train) + len(held) == len(partition)

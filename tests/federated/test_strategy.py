@@ -19,7 +19,7 @@ import torch
 from flowertune_llm.config import to_flat_dict
 from flowertune_llm.federated import protocol, start
 from flowertune_llm.federated.run_directory import RunDirectory
-from flowertune_llm.federated.strategy import RoundFailed, StreamingFedAvg
+from flowertune_llm.federated.strategy import RoundFailed, StreamingStrategy
 from flowertune_llm.weights import disk
 from flowertune_llm.weights.disk import InsufficientDiskSpaceError
 from flowertune_llm.weights.exchange import Exchange
@@ -58,8 +58,9 @@ def full_model(seed: int, dtype=torch.bfloat16, fill: float | None = None) -> di
     }
 
 
-def full_weights_run(tmp_path, states, weights, behaviours=None, mode="layerwise", name="run", **overrides):
-    """An aggregation-only run of a small full model: node k holds ``states[k]`` with FedAvg weight ``weights[k]``."""
+def full_weights_run(tmp_path, states, weights, behaviours=None, mode="layerwise", name="run", base=None, **overrides):
+    """An aggregation-only run of a small full model: node k holds ``states[k]`` with FedAvg weight ``weights[k]``;
+    ``base``: the model a server optimizer steps from in round 1."""
     settings = {"num-server-rounds": 2, "train.save-every-round": 1, "strategy.fraction-train": 1.0,
                 "train.training-arguments.max-steps": 0, "aggregation.mode": mode,
                 "aggregation.max-message-mb": 1.5 / 1024}  # 1.5 KiB: several groups, and the embedding split  # fmt: skip
@@ -72,7 +73,8 @@ def full_weights_run(tmp_path, states, weights, behaviours=None, mode="layerwise
         nodes[k] = InProcessNode(to_flat_dict(config), k, node_config)
     exchange = Exchange.for_full_model(config, specs_of(states[0]), {"config.json": b"{}"})
     run_dir = RunDirectory.create(tmp_path / name, 7, {})
-    strategy = StreamingFedAvg(config, run_dir, exchange)
+    base_dir = save_local_checkpoint(base, tmp_path / "models" / "base") if base is not None else None
+    strategy = StreamingStrategy(config, run_dir, exchange, base=base_dir)
     grid = ScriptedGrid({k: (behaviours or {}).get(k, lambda n: n)(node) for k, node in nodes.items()})
     final = strategy.run(grid, None)
     return strategy, grid, final, run_dir
@@ -225,7 +227,7 @@ def adapter_run(tmp_path, mode, behaviours=None, run_id=7, node_ids=(1, 2), **ov
                                                         "state-dir": str(tmp_path / "node-state")}, run_id=run_id)
              for p, k in enumerate(node_ids)}  # fmt: skip
     grid = ScriptedGrid({k: (behaviours or {}).get(k, lambda n: n)(node) for k, node in nodes.items()})
-    strategy = StreamingFedAvg(config, run_dir, exchange, resume=resumed)
+    strategy = StreamingStrategy(config, run_dir, exchange, resume=resumed)
     state = read(run_dir.checkpoint_dir(0)) if initial else None
     final = strategy.run(grid, initial)
     return config, strategy, grid, state, final
@@ -307,3 +309,159 @@ def test_a_warm_start_begins_round_1_from_the_given_adapter(tmp_path):
     assert_bit_equal(initial, read(earlier))
     sent = next(m for m in grid.sent if m.metadata.message_type == protocol.TRAIN)  # round 1's global adapter
     assert protocol.TrainIns.from_content(sent.content).group is not None
+
+
+# --- server optimizers and FedProx ------------------------------------------------------------------------------
+
+OPTIMIZER_SETTINGS = {"learning_rate": 0.1, "momentum": 0.9, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+
+
+@pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_a_server_optimizer_steps_from_the_global_model_each_round_in_both_modes(tmp_path, kind):
+    from testbed.reference import server_optimizer_rounds
+
+    states, weights, base = [full_model(seed) for seed in range(3)], [4.0, 1.0, 9.0], full_model(99)
+    settings = {"strategy.name": kind, "strategy.server-learning-rate": 0.1, "num-server-rounds": 3}
+    _, _, layer_final, _ = full_weights_run(tmp_path, states, weights, name="layerwise", base=base, **settings)
+    _, _, whole_final, _ = full_weights_run(tmp_path, states, weights, mode="all_at_once", name="whole", base=base,
+                                                **settings)  # fmt: skip
+    assert files_of(layer_final) == files_of(whole_final) and (layer_final / "server_optimizer").is_dir()
+    # Round 1: each node sends the model it holds; later rounds, the global model it was sent (aggregation only).
+    g1, _ = server_optimizer_rounds(kind, OPTIMIZER_SETTINGS, base, [states], weights)
+    g2, _ = server_optimizer_rounds(kind, OPTIMIZER_SETTINGS, base, [states, [g1] * 3], weights)
+    expected, state = server_optimizer_rounds(kind, OPTIMIZER_SETTINGS, base, [states, [g1] * 3, [g2] * 3], weights)
+    assert_bit_equal(read(layer_final), expected)
+    assert_bit_equal(read(layer_final / "server_optimizer"), state)
+    assert not torch.equal(expected["head.weight"], torch_weighted_mean(states, weights)["head.weight"])
+
+
+def test_a_server_optimizer_without_the_global_model_on_the_server_stops_the_run(tmp_path):
+    states = [full_model(seed) for seed in range(2)]
+    with pytest.raises(RoundFailed, match="strategy.name=fedadam needs the global model before the round"):
+        full_weights_run(tmp_path, states, [1, 1], **{"strategy.name": "fedadam"})
+
+
+def test_a_resumed_run_continues_the_server_optimizers_state_to_the_same_bytes(tmp_path):
+    settings = {"num-server-rounds": 4, "train.save-every-round": 2, "strategy.name": "fedadam"}
+    _, whole, _, _, reference = adapter_run(tmp_path / "whole", "layerwise", **settings)
+    assert (reference / "server_optimizer").is_dir()
+
+    def crashes_in_round_3(node):
+        return lambda m: error_reply(m, "killed") if protocol.Header.from_content(m.content).server_round == 3 else node(m)
+
+    with pytest.raises(RoundFailed):
+        adapter_run(tmp_path / "crash", "layerwise", {1: crashes_in_round_3, 2: crashes_in_round_3}, run_id=8, **settings)
+    crashed = tmp_path / "crash" / "runs-layerwise" / "8"
+    _, resumed, _, _, final = adapter_run(tmp_path / "crash", "layerwise", run_id=9,
+                                          **settings, **{"resume-from": str(crashed)})  # fmt: skip
+    assert files_of(final) == files_of(reference) and without_seconds(resumed) == without_seconds(whole)
+    # Without the saved state (moments restarting at zero) round 3 would step differently.
+    assert (crashed / "checkpoints" / "round-2" / "server_optimizer").is_dir()
+
+
+def test_fedprox_sends_mu_each_round_and_mu_zero_is_fedavg(tmp_path):
+    _, _, _, _, plain = adapter_run(tmp_path / "fedavg", "layerwise")
+    _, _, grid, _, prox = adapter_run(tmp_path / "prox", "layerwise", **{"strategy.name": "fedprox",
+                                                                         "strategy.proximal-mu": 5.0})  # fmt: skip
+    mus = {protocol.TrainIns.from_content(m.content).proximal_mu for m in grid.sent if m.metadata.message_type == protocol.TRAIN}
+    assert mus == {5.0}
+    assert (prox / "adapter_model.safetensors").read_bytes() != (plain / "adapter_model.safetensors").read_bytes()
+    _, _, _, _, zero = adapter_run(tmp_path / "zero", "layerwise", **{"strategy.name": "fedprox", "strategy.proximal-mu": 0.0})
+    assert files_of(zero) == files_of(plain)
+    assert not any(p.name == "server_optimizer" for p in plain.iterdir())
+
+
+# --- compressed updates ----------------------------------------------------------------------------------------
+
+
+def encodings(grid, message_type, node=None):
+    """The encoding of each group of ``message_type`` sent (to ``node``), in order."""
+    out = []
+    for m in grid.sent:
+        if m.metadata.message_type != message_type or (node is not None and m.metadata.dst_node_id != node):
+            continue
+        content = m.content
+        if message_type == protocol.TRAIN:
+            group = protocol.TrainIns.from_content(content).group
+        elif message_type == protocol.EVALUATE:
+            group = protocol.EvaluateIns.from_content(content).group
+        else:
+            group = protocol.ReceiveIns.from_content(content).group
+        out.append((protocol.Header.from_content(content).server_round, group.encoding if group else None))
+    return out
+
+
+@pytest.mark.parametrize("update_format", ["bfloat16", "int8"])
+def test_compressed_updates_rebuild_the_servers_global_model_on_every_node_bit_for_bit(tmp_path, update_format):
+    from flowertune_llm.weights.codec import CHANGE_DIR
+    from flowertune_llm.weights.node_state import ReceivedGroups
+
+    settings = {"num-server-rounds": 3, "exchange.update-format": update_format}
+    _, layer, grid, _, layer_final = adapter_run(tmp_path, "layerwise", **settings)
+    _, _, _, _, whole_final = adapter_run(tmp_path, "all_at_once", **settings)
+    assert files_of(layer_final) == files_of(whole_final) and (layer_final / CHANGE_DIR).is_dir()
+    # Round 1 sends the weights; rounds 2 and 3 the change from the model each node trained from.
+    trains = encodings(grid, protocol.TRAIN)
+    assert {e for r, e in trains if r == 1} == {""}
+    assert {(r, e) for r, e in trains if r > 1} == {(2, f"{update_format}:0"), (3, f"{update_format}:1")}
+    # What each node rebuilt for round 3 is the server's round-2 checkpoint, bit for bit.
+    round_2 = read(tmp_path / "runs-layerwise" / "7" / "checkpoints" / "round-2")
+    for node_dir in sorted((tmp_path / "node-state").glob("node-*")):
+        with ReceivedGroups(node_dir / "held") as held:
+            assert_bit_equal(held.state(), round_2)
+    # Less traffic both ways from round 2 on (down and up are changes; round 1 still sends the weights down).
+    # This adapter is tiny: groups of a few KiB, whose headers and keys weigh, and LoRA B matrices with rows of
+    # r=4 values, each its own int8 block with a 4-byte scale (0.5x alone). Recipe-sized adapters:
+    # bench/results/update_formats.
+    _, plain, _, _, _ = adapter_run(tmp_path / "plain", "layerwise", **{"num-server-rounds": 3})
+    ratio = 0.6
+    assert layer.history[1].bytes_down < ratio * plain.history[1].bytes_down
+    assert all(c.bytes_up < ratio * p.bytes_up for c, p in zip(layer.history, plain.history, strict=True))
+    assert all(0 < r.train_loss < 10 for r in layer.history)
+
+
+def test_a_node_that_holds_the_model_gets_nothing_and_one_that_sat_out_gets_the_weights(tmp_path):
+    settings = {"num-server-rounds": 4, "exchange.update-format": "int8", "eval.every-round": 1, "eval.fraction": 0.25,
+                "strategy.fraction-train": 0.5, "strategy.min-train-nodes": 1}  # fmt: skip
+    _, strategy, grid, _, _ = adapter_run(tmp_path, "layerwise", node_ids=(1, 2, 3), **settings)
+    sampled = [set(r.aggregated) for r in strategy.history]
+    names = {1: "partition-0", 2: "partition-1", 3: "partition-2"}
+    for node, name in names.items():
+        trains = dict(encodings(grid, protocol.TRAIN, node))
+        evals = dict(encodings(grid, protocol.EVALUATE, node))
+        for r, encoding in trains.items():
+            if r > 1 and name in sampled[r - 2]:
+                assert encoding == f"held:{r - 1}"  # it evaluated last round's model: nothing moves
+            else:
+                assert encoding == ""  # it sat out: the weights
+        for r, encoding in evals.items():
+            assert encoding == f"int8:{r - 1}"  # it trained from the model before this one
+    # Held nodes get no group messages at all for that round.
+    held_rounds = {(node, r) for node in names for r, e in encodings(grid, protocol.TRAIN, node) if e.startswith("held")}
+    assert held_rounds
+    assert not {(m.metadata.dst_node_id, r) for m in grid.sent if m.metadata.message_type == protocol.RECEIVE
+                for r in [protocol.Header.from_content(m.content).server_round]} & held_rounds  # fmt: skip
+
+
+def test_a_node_that_lost_its_copy_is_left_out_once_and_then_gets_the_weights(tmp_path):
+    import shutil
+
+    def forgets_before_round_3(node):
+        def behave(message):
+            if message.metadata.message_type == protocol.TRAIN and protocol.Header.from_content(message.content).server_round == 3:
+                shutil.rmtree(tmp_path / "node-state" / "node-2" / "held")  # a restarted node, say
+            return node(message)
+        return behave
+
+    settings = {"num-server-rounds": 4, "exchange.update-format": "int8", "strategy.min-train-nodes": 1}
+    _, strategy, grid, _, _ = adapter_run(tmp_path, "layerwise", {2: forgets_before_round_3}, **settings)
+    assert "holds no global model" in strategy.history[2].failures["partition-1"]
+    assert strategy.history[3].aggregated == ["partition-0", "partition-1"]
+    assert dict(encodings(grid, protocol.TRAIN, 2))[4] == ""
+
+
+def test_compressed_updates_are_refused_for_full_model_runs():
+    from flowertune_llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="exchange.update-format"):
+        make_config(**{"exchange.update-format": "int8", "train.training-arguments.max-steps": 0})

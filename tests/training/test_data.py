@@ -5,7 +5,7 @@ import json
 import pytest
 from datasets import Dataset
 
-from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError
+from flowertune_llm.config import ConfigError, DatasetConfig, NodeConfig, NodeConfigError, PartitionConfig
 from flowertune_llm.training.data import (
     check_local_dataset,
     format_dataset,
@@ -14,6 +14,9 @@ from flowertune_llm.training.data import (
     split_held_out,
 )
 from flowertune_llm.training.templates import ALPACA_PREAMBLE
+
+# The defaults: the leaderboard's IID split, seeded with train.seed (non-IID splits: test_partitions.py).
+IID, SEED = PartitionConfig("iid", "", 0.5, 2, 2), 42
 
 # One record shaped like each challenge's training set (same columns, similar content, our own words).
 ALPACA_GPT4 = {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color.", "text": "..."}
@@ -107,7 +110,7 @@ def test_local_files_are_partitioned_iid(tmp_path, suffix):
     _write(path, records)
     config = DatasetConfig(str(path), "code")
     check_local_dataset(config)
-    parts = [load_partition(config, i, 3) for i in range(3)]
+    parts = [load_partition(config, IID, SEED, i, 3) for i in range(3)]
     assert sorted(len(p) for p in parts) == [3, 3, 4]
     prompts = [row["prompt"] for part in parts for row in part]
     assert len(set(prompts)) == 10  # disjoint and complete
@@ -129,19 +132,20 @@ def test_missing_local_file_is_named(tmp_path):
 def test_builtin_instructions_partition():
     config = DatasetConfig("builtin:instructions", "alpaca")
     check_local_dataset(config)
-    assert len(load_partition(config, 0, 2)) + len(load_partition(config, 1, 2)) == 700
+    assert len(load_partition(config, IID, SEED, 0, 2)) + len(load_partition(config, IID, SEED, 1, 2)) == 700
 
 
 def test_a_node_trains_on_its_own_file_when_its_config_names_one(tmp_path):
     path = tmp_path / "clinic.jsonl"
     _write(path, [MEDICAL, {**MEDICAL, "input": "Where is bile stored?"}])
     shared = DatasetConfig("builtin:instructions", "alpaca")
-    own = load_node_dataset(shared, NodeConfig.parse({"dataset-path": str(path), "dataset-format": "medical"}))
+    own_file = NodeConfig.parse({"dataset-path": str(path), "dataset-format": "medical"})
+    own = load_node_dataset(shared, IID, SEED, own_file)
     assert len(own) == 2 and "Where is bile stored?" in own[1]["prompt"]
     # Without dataset-format the run's format applies; without dataset-path, the node's partition.
     medical = DatasetConfig("builtin:instructions", "medical")
-    assert load_node_dataset(medical, NodeConfig.parse({"dataset-path": str(path)}))[0] == own[0]
-    assert len(load_node_dataset(shared, NodeConfig.parse({"partition-id": 0, "num-partitions": 7}))) == 100
+    assert load_node_dataset(medical, IID, SEED, NodeConfig.parse({"dataset-path": str(path)}))[0] == own[0]
+    assert len(load_node_dataset(shared, IID, SEED, NodeConfig.parse({"partition-id": 0, "num-partitions": 7}))) == 100
 
 
 @pytest.mark.parametrize(
@@ -153,11 +157,11 @@ def test_a_node_trains_on_its_own_file_when_its_config_names_one(tmp_path):
 )
 def test_a_node_whose_data_cannot_be_found_names_the_key_and_path(node_config, message):
     with pytest.raises(NodeConfigError, match=message):
-        load_node_dataset(DatasetConfig("builtin:instructions", "alpaca"), NodeConfig.parse(node_config))
+        load_node_dataset(DatasetConfig("builtin:instructions", "alpaca"), IID, SEED, NodeConfig.parse(node_config))
 
 
 def test_a_held_out_share_is_disjoint_from_training_and_the_same_every_time():
-    partition = load_partition(DatasetConfig("builtin:instructions", "alpaca"), 1, 4)
+    partition = load_partition(DatasetConfig("builtin:instructions", "alpaca"), IID, SEED, 1, 4)
     with_index = partition.add_column("row", list(range(len(partition))))
     train, held = split_held_out(with_index, 0.1, seed=42)
     assert len(held) == 18 and len(train) == len(partition) - 18  # ceil(175 * 0.1)
@@ -194,4 +198,4 @@ def test_fewer_examples_than_partitions_names_both_numbers(tmp_path):
     path = tmp_path / "two.jsonl"
     _write(path, [CODE, CODE])
     with pytest.raises(ConfigError, match="2 example\\(s\\), fewer than the 3 partitions"):
-        load_partition(DatasetConfig(str(path), "code"), 0, 3)
+        load_partition(DatasetConfig(str(path), "code"), IID, SEED, 0, 3)

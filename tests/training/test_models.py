@@ -76,7 +76,7 @@ def test_a_4bit_round_on_cpu_keeps_a_float32_adapter_and_no_stray_hooks():
     )
     model, tokenizer, cache_hit = models.cached_peft_model(config.model)
     assert not cache_hit
-    dataset = data.load_partition(config.dataset, 0, 4)
+    dataset = data.load_partition(config.dataset, config.partition, config.train.seed, 0, 4)
     for server_round in (1, 2):
         before = models.get_adapter_state(model)
         result = sft.train_round(model, tokenizer, dataset, config.train, config.model, 1e-3, server_round)
