@@ -1,0 +1,66 @@
+"""Strategies and compressed updates in a real `flwr run` (Simulation Engine, 2 SuperNodes, the quickstart)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import AutoPeftModelForCausalLM
+
+from flowertune_llm.weights.codec import CHANGE_DIR
+from flowertune_llm.weights.server_optimizers import STATE_DIR
+from testbed.flower import simulation_superlink
+
+from conftest import APP_DIR
+
+pytestmark = pytest.mark.simulation
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """FedAdam with int8 updates and FedProx with bfloat16 ones, on one simulation SuperLink."""
+    tmp_path = tmp_path_factory.mktemp("strategies")
+    output_dir = tmp_path / "runs"
+    common = (f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round={ROUNDS} "
+              f"output.dir='{output_dir}' eval.every-round=1 eval.fraction=0.2")  # fmt: skip
+    settings = {"fedadam-int8": "strategy.name='fedadam' exchange.update-format='int8'",
+                "fedprox-bfloat16": "strategy.name='fedprox' strategy.proximal-mu=0.1 exchange.update-format='bfloat16'"}  # fmt: skip
+    out = {}
+    with simulation_superlink(tmp_path) as link:
+        for name, extra in settings.items():
+            result = link.run_app(APP_DIR, run_config=f"{common} {extra}".strip())
+            out[name] = (result, output_dir / str(result.run_id))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedadam-int8", "fedprox-bfloat16"])
+def test_a_strategy_with_compressed_updates_trains_and_saves_a_peft_adapter(runs, name):
+    result, run_dir = runs[name]
+    assert result.ok, result.details
+    assert "Strategy: " + name.split("-")[0] in result.output
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3] and all(r["failures"] == {} for r in history)
+    assert all(r["eval_loss"] > 0 and r["eval_failures"] == {} for r in history)
+    checkpoint = run_dir / "checkpoints" / f"round-{ROUNDS}"
+    assert (checkpoint / CHANGE_DIR).is_dir() and (checkpoint / STATE_DIR).is_dir() == name.startswith("fedadam")
+    AutoPeftModelForCausalLM.from_pretrained(str(checkpoint))  # a standard PEFT adapter
+
+
+@pytest.mark.parametrize("name, most", [("fedadam-int8", 0.45), ("fedprox-bfloat16", 0.6)])
+def test_compressed_updates_cut_the_bytes_each_way_after_round_1(runs, name, most):
+    """Round 1 sends the weights down (no node holds a model yet) and evaluates the new model as a change;
+    after it, the nodes hold the model they evaluated, so nothing goes down for training, and their updates
+    go up as changes. (The quickstart's LoRA B rows are r=8 values, each an int8 block with a 4-byte scale.)"""
+    from flowertune_llm.config import default_run_config, parse_run_config
+    from flowertune_llm.training import models
+    from flowertune_llm.weights.transport import to_record
+
+    quickstart = parse_run_config({**default_run_config(), "preset": "quickstart"})
+    weights = to_record(models.get_adapter_state(models.build_peft_model(quickstart.model))).count_bytes()
+    history = json.loads((runs[name][1] / "history.json").read_text())
+    nodes = len(history[0]["nodes"])
+    assert history[0]["bytes_down"] > nodes * weights  # the weights for training, then the change to evaluate
+    for record in history[1:]:
+        assert record["bytes_up"] < most * nodes * weights
+        assert record["bytes_down"] < most * nodes * weights  # only the change for evaluation
