@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flowertune_llm.deploy import commands as deploy_commands
+from flowertune_llm.deploy import run_command
 from flowertune_llm.evaluate import command as evaluate_command
 from flowertune_llm.training.templates import CHAT_TEMPLATES
 
@@ -95,21 +96,13 @@ def add_partitions_arguments(parser: argparse.ArgumentParser) -> None:
 def partitions_command(args: argparse.Namespace) -> int:
     """``flowertune-llm partitions``: each node's size and label mix, from the run config ``flwr run`` would use."""
     import click
-    from flwr.common.config import fuse_dicts, parse_config_args
 
-    from flowertune_llm.config import default_run_config, parse_run_config
+    from flowertune_llm.config import parse_run_config
+    from flowertune_llm.deploy.run_command import resolve_run_config
     from flowertune_llm.training import data, partitions
 
-    try:  # Flower's parser and merge, so quoting and unknown keys behave as in `flwr run`
-        flat = fuse_dicts(default_run_config(), parse_config_args(args.run_config))
-    except (click.ClickException, ValueError, OSError) as error:  # a string or TOML file Flower cannot read
-        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
-        print(f"error: --run-config: {message.strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.preset:
-        flat["preset"] = args.preset
     try:
-        config = parse_run_config(flat)
+        config = parse_run_config(resolve_run_config(args.run_config, args.preset))
         num_partitions, source = _num_partitions(args)
         shown = args.labels or config.partition.by or "@first-word"
         federated = data.federated_dataset(config.dataset, config.partition, config.train.seed, num_partitions, shown)
@@ -193,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     add_profile_arguments(commands.add_parser("profile", help="where a profiled run's seconds, bytes and memory went"))
     evaluate_command.add_arguments(commands.add_parser("evaluate", help="score an adapter as the FlowerTune leaderboard does"))
     add_partitions_arguments(commands.add_parser("partitions", help="each node's size and label mix, before training"))
-    handlers = {"chat": chat, "profile": profile, "evaluate": evaluate_command.run, "partitions": partitions_command,
-                **deploy_commands.add_commands(commands)}  # + federation, certs, keys
+    run_command.add_arguments(commands.add_parser("run", help="flwr run --stream, with the run config checked first, "
+                                                  "Ctrl-C stopping the run, and an exit status that says how it ended"))
+    handlers = {"chat": chat, "profile": profile, "evaluate": evaluate_command.run, "run": run_command.run,
+                "partitions": partitions_command, **deploy_commands.add_commands(commands)}  # + federation, certs, keys
     args = parser.parse_args(argv)
     return handlers[args.command](args)
 

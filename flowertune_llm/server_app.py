@@ -18,6 +18,7 @@ from flowertune_llm.units import MiB
 log = logging.getLogger(f"flwr.{__name__}")
 
 app = ServerApp()
+start.log_config_errors_in_one_line()
 
 
 @app.main()

@@ -100,7 +100,7 @@ def test_partitions_takes_a_preset_and_flowers_default_number_of_nodes(capsys):
     "extra, message",
     [
         (["--run-config", "partition.method='random'"], "run config `partition.method` = 'random': allowed: iid,"),
-        (["--run-config", "partition.size=3"], "--run-config: Key 'partition.size' is not present"),
+        (["--run-config", "partition.size=3"], "run config `partition.size` = 3: unknown key"),
         (["--run-config", "partition.method='exponential'", "--num-partitions", "12"], "partition-0, partition-1,"),
         (["--labels", "@topic"], "--labels '@topic': no such column or derived label"),
     ],

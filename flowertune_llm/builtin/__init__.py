@@ -97,29 +97,32 @@ def _training_text() -> list[str]:
     return lines
 
 
-def _build(spec: BuiltinModel, directory: Path) -> None:
-    import torch
+def train_tokenizer(max_vocab_size: int, model_max_length: int):
+    """A byte-level BPE tokenizer trained on the built-in instruction set and the prompt templates (a fraction
+    of a second): the built-in models' tokenizer, and the stand-in for a real one where the Hub is out of reach."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.max_vocab_size,
+        vocab_size=max_vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte has a token: no <unk>
         show_progress=False,
     )
     bpe.train_from_iterator(_training_text(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        model_max_length=spec.max_position_embeddings,
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=model_max_length
     )
 
+
+def _build(spec: BuiltinModel, directory: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(spec.max_vocab_size, spec.max_position_embeddings)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,

@@ -48,16 +48,7 @@ def write_cli_connection(
         from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
         text = DEFAULT_FLOWER_CONFIG_TOML
-    # Drop the old section (and sub-tables such as [superlink.<name>.options]) up to the next header.
-    header = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
-    kept, skipping = [], False
-    for line in text.splitlines():
-        if match := header.match(line):
-            table = match.group(1).replace('"', "")
-            skipping = table == f"superlink.{name}" or table.startswith(f"superlink.{name}.")
-        if not skipping:
-            kept.append(line)
-    text = "\n".join(kept).rstrip() + "\n"
+    text = _without_connection(text, name)
     if make_default:
         parsed = tomllib.loads(text)
         if "default" in parsed.get("superlink", {}):
@@ -74,6 +65,40 @@ def write_cli_connection(
     text += section
     tomllib.loads(text)  # never leave a file the CLI cannot read
     return write_atomic(path, text.encode())
+
+
+def _without_connection(text: str, name: str) -> str:
+    """``text`` without ``[superlink.<name>]`` (and its sub-tables such as ``[superlink.<name>.options]``)."""
+    header = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if match := header.match(line):
+            table = match.group(1).replace('"', "")
+            skipping = table == f"superlink.{name}" or table.startswith(f"superlink.{name}.")
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def default_connection(flwr_home: Path) -> str | None:
+    path = Path(flwr_home) / "config.toml"
+    return tomllib.loads(path.read_text()).get("superlink", {}).get("default") if path.is_file() else None
+
+
+def remove_cli_connection(flwr_home: Path, name: str, default_before: str | None = None) -> None:
+    """Take ``[superlink.<name>]`` out of ``<flwr_home>/config.toml`` again, leaving every other connection. If it
+    had become the default, ``default_before`` (the default when it was written) is the default again, else
+    Flower's ``local``."""
+    path = Path(flwr_home) / "config.toml"
+    if not path.is_file():
+        return
+    text = _without_connection(path.read_text(), name)
+    connections = tomllib.loads(text).get("superlink", {})
+    if connections.get("default") == name:
+        restored = default_before if default_before in connections and default_before != name else "local"
+        text = re.sub(r"(?m)^(\s*default\s*=\s*).*$", rf'\g<1>"{restored}"', text, count=1)
+    tomllib.loads(text)  # never leave a file the CLI cannot read
+    write_atomic(path, text.encode())
 
 
 def default_flwr_home() -> Path:

@@ -111,9 +111,9 @@ def _print_federation(federation: LocalFederation) -> None:
     threads = federation.supernode_environment()["OMP_NUM_THREADS"]
     lines += [
         f"ClientApps run with OMP_NUM_THREADS={threads} (set OMP_NUM_THREADS to change it).",
-        f"Connection `{federation.connection}` is in {federation.cli_home / 'config.toml'}.",
+        f"Connection `{federation.connection}` is in {federation.cli_home / 'config.toml'} until the federation stops.",
         f"The ServerApp runs in {federation.superlink_dir}: a relative output.dir lands there.",
-        "Run the app from its directory:",
+        "Run the quickstart from the app's directory (offline; `flwr run . <connection> --stream` works too):",
         f"  {federation.run_command()}",
         "Ctrl-C stops every process of the federation.",
     ]

@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from flowertune_llm.deploy.certificates import Certificates, SuperNodeKey, make_certificates, make_supernode_key
-from flowertune_llm.deploy.cli_config import default_flwr_home, node_config_arg, write_cli_connection
+from flowertune_llm.deploy.cli_config import (
+    default_connection,
+    default_flwr_home,
+    node_config_arg,
+    remove_cli_connection,
+    write_cli_connection,
+)
 from flowertune_llm.deploy.processes import BIN_DIR, ProcessTracker, exe, free_port, signal_pids, tail, terminate
 
 DEFAULT_CONNECTION = "local-deployment"
@@ -113,6 +119,8 @@ class LocalFederation:
         self._worker_dir: Path | None = None
         self._worker_dir_is_temporary = False
         self._started = False
+        self._wrote_connection = False
+        self._default_before: str | None = None
 
     # -- environment ------------------------------------------------------------------------------------
 
@@ -233,6 +241,8 @@ class LocalFederation:
             cmd.append("--enable-supernode-auth")
         self.superlink = self._spawn(cmd, self.superlink_dir, self.superlink_dir / "flwr-home", self.superlink_log)
         self._wait_healthy()
+        self._default_before = default_connection(self.cli_home)
+        self._wrote_connection = True
         write_cli_connection(
             self.cli_home,
             self.connection,
@@ -273,6 +283,9 @@ class LocalFederation:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._started = False
+        if self._wrote_connection:  # a connection to a SuperLink that is gone would only mislead `flwr`
+            remove_cli_connection(self.cli_home, self.connection, self._default_before)
+            self._wrote_connection = False
         if not left:
             self._keep_worker_logs()
         if left and check:
@@ -396,9 +409,10 @@ class LocalFederation:
             )
         return proc
 
-    def run_command(self, app: str = ".") -> str:
-        """The exact command that runs ``app`` on this federation, with its logs streamed."""
+    def run_command(self, app: str = ".", run_config: str = "preset='quickstart'") -> str:
+        """The exact command that runs ``app`` on this federation, its logs streamed: the quickstart by default,
+        which needs nothing from the Hub (the app's own default model and data would)."""
         prefix = ""
         if self.cli_home != default_flwr_home():
             prefix = f"FLWR_HOME={shlex.quote(str(self.cli_home))} "
-        return f"{prefix}flwr run {shlex.quote(app)} {self.connection} --stream"
+        return f"{prefix}flowertune-llm run {shlex.quote(app)} {self.connection} --run-config {shlex.quote(run_config)}"

@@ -176,7 +176,7 @@ def serve(socket: Path, key: Path, watch_pid: int, idle_timeout: float) -> None:
     # The training stack: the imports this worker exists to pay once.
     from flowertune_llm.config import run_config_of
     from flowertune_llm.federated.client_round import NodeRound, handle
-    from flowertune_llm.observe.profiling import OFF, Recorder
+    from flowertune_llm.observe.profiling import OFF, Recorder, reset_gpu_peak
 
     listener = Listener(str(socket), family="AF_UNIX", authkey=key.read_bytes())
     socket.with_suffix(".pid").write_text(str(os.getpid()))
@@ -192,9 +192,12 @@ def serve(socket: Path, key: Path, watch_pid: int, idle_timeout: float) -> None:
             try:
                 request = connection.recv()
                 profile = Recorder(node=request["node_id"]) if request["profile"] else OFF
+                if profile.enabled:
+                    reset_gpu_peak()  # this round's GPU peak: the worker, not the ClientApp, holds the model
                 run = run_config_of(request["run_id"], request["run_config"])
                 node_round = NodeRound(request["run_id"], request["node_id"], run, request["node_config"])
                 content = handle(request["message_type"], request["content"], node_round, profile)
+                profile.memory("worker")  # what the node's training process holds: what to size a node by
                 response = {"content": content, "events": profile.events}
             except Exception as error:  # noqa: BLE001 - every failure goes back to the ClientApp, named
                 traceback.print_exc()

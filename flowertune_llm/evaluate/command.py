@@ -21,7 +21,6 @@ from flowertune_llm.atomic import write_atomic, write_json
 from flowertune_llm.evaluate import benchmarks as registry
 from flowertune_llm.evaluate import programs, sandbox, scoring, sources
 from flowertune_llm.evaluate.benchmarks import Benchmark, Example
-from flowertune_llm.training.adapters import check_adapter
 from flowertune_llm.units import MiB
 
 DEFAULT_BATCH = {"general-nlp": 16, "finance": 32, "medical": 16, "code": 4}  # the leaderboard's commands
@@ -53,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
             raise EvaluationError("--batch-size and --limit must be positive")
         if args.predictions is None and args.peft_path is None:
             raise EvaluationError("--peft-path is needed to generate (or give --predictions to score saved generations)")
+        from flowertune_llm.training.adapters import check_adapter  # reads safetensors headers: torch, only now
+
         base_model = check_adapter(args.peft_path, args.base_model) if args.peft_path else args.base_model
         skipped = {b.name: reason for b in chosen if (reason := programs.missing_tool(b.answer))}
         output = args.output or default_output(args.peft_path, args.challenge)

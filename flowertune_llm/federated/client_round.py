@@ -159,13 +159,17 @@ def _train(
         result = sft.train_round(model, tokenizer, dataset, config.train, config.model, learning_rate=ins.learning_rate,
                                  server_round=server_round, proximal_mu=ins.proximal_mu)  # fmt: skip
         span.update(
-            steps=result.steps, tokens=result.tokens, tokenize_seconds=result.prepare_seconds,
+            steps=result.steps, tokens=result.tokens, padded_tokens=result.padded_tokens,
+            tokenize_seconds=result.prepare_seconds,
             step_seconds=result.step_seconds,
             tokens_per_second=result.tokens / result.step_seconds if result.step_seconds else None,
+            padded_tokens_per_second=result.padded_tokens / result.step_seconds if result.step_seconds else None,
         )  # fmt: skip
+    rate = f", {result.tokens / result.step_seconds:,.0f} tokens/s" if result.step_seconds else ""
     log.info(
-        "Round %d: train_loss %.4f over %d steps on %d examples (%d tokens, %.1f s)",
-        server_round, result.train_loss, result.steps, result.num_examples, result.tokens, result.seconds,
+        "Round %d: train_loss %.4f over %d steps on %d examples (%d tokens, %d with padding%s; %.1f s)",
+        server_round, result.train_loss, result.steps, result.num_examples, result.tokens, result.padded_tokens,
+        rate, result.seconds,
     )  # fmt: skip
     state.serve_from(server_round, state.save_update(server_round, models.get_adapter_state(model)))
     return result.num_examples, result.train_loss, result.step_seconds

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextvars
 import os
-import sys
 
 from flwr.app import Context, Message
 
 from flowertune_llm.federated import protocol
-from flowertune_llm.observe.profiling import OFF, Profiler, Recorder
+from flowertune_llm.observe.profiling import OFF, Profiler, Recorder, reset_gpu_peak
 
 _current: contextvars.ContextVar[Profiler] = contextvars.ContextVar("flowertune_llm_profile", default=OFF)
 
@@ -31,16 +30,14 @@ def profiling_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     recorder = Recorder(node=context.node_id)
     recorder.round = header.server_round
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()  # a per-round GPU peak, not the process's lifetime peak
+    reset_gpu_peak()  # a per-round GPU peak, not the process's lifetime peak
     token = _current.set(recorder)
     try:
         with recorder.span("handler", pid=os.getpid()):
             reply = call_next(msg, context)
     finally:
         _current.reset(token)
-    recorder.memory()
+    recorder.memory("clientapp")  # in deployment a short-lived process; the node's worker reports its own
     if not reply.has_error():
         protocol.attach_events(reply.content, recorder.events)
     return reply

@@ -42,6 +42,7 @@ class RunDirectory:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         trained = [r for r in rounds if r["train_loss"] is not None]
         evaluated = [r for r in rounds if r.get("eval_loss") is not None]
@@ -52,6 +53,7 @@ class RunDirectory:
                            label="held out")  # fmt: skip
             loss_axis.legend(loc="upper right", fontsize=8)
         loss_axis.set_xlabel("round")
+        loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no 1.25
         loss_axis.set_ylabel("loss (weighted mean over nodes)", color="tab:blue")
         lr_axis = loss_axis.twinx()
         lr_axis.plot([r["round"] for r in rounds], [r["learning_rate"] for r in rounds], "--", color="tab:gray")

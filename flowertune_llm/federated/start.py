@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flowertune_llm.config import RunConfig, to_flat_dict
+from flowertune_llm.config import ConfigError, RunConfig, to_flat_dict
 from flowertune_llm.federated import resume
 from flowertune_llm.federated.resume import Resume
 from flowertune_llm.federated.run_directory import RunDirectory
@@ -19,6 +19,25 @@ from flowertune_llm.weights.exchange import Exchange
 from flowertune_llm.weights.tensors import dtype_name, specs_of
 
 log = logging.getLogger(f"flwr.{__name__}")
+
+
+class _ConfigErrorsInOneLine(logging.Filter):
+    """Flower logs a ServerApp's exception with its whole traceback; a refused run config is one line naming the
+    key (what `flwr log` and `flwr ls`'s status details then show)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ConfigError):
+            record.msg, record.args = "Run config refused: %s", (error,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def log_config_errors_in_one_line() -> None:
+    """Install :class:`_ConfigErrorsInOneLine` on Flower's logger (once per process)."""
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _ConfigErrorsInOneLine) for f in flower.filters):
+        flower.addFilter(_ConfigErrorsInOneLine())
 
 
 def check(config: RunConfig) -> Path | None:

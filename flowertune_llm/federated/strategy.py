@@ -150,7 +150,7 @@ class StreamingStrategy:
             current = output
             if self._kept(server_round):
                 log.info("Saved the round-%d %s to %s", server_round, self.exchange.label, output)
-            self.profile.memory()
+            self.profile.memory("server")
         return current
 
     def _learning_rate(self, server_round: int) -> float:

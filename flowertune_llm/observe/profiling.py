@@ -33,16 +33,24 @@ PROFILE_FILE = "profile.jsonl"
 SUMMARY_FILE = "profile_summary.json"
 
 
-def memory_snapshot() -> dict[str, float]:
-    """This process's resident memory now and at its peak, and the GPU's when torch uses one."""
+def memory_snapshot() -> dict[str, float | None]:
+    """This process's resident memory now and at its peak, and torch's peak GPU memory (None without a GPU)."""
     # ru_maxrss is in KiB on Linux and bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    snapshot = {"rss_mb": psutil.Process().memory_info().rss / MiB, "peak_rss_mb": peak / MiB}
+    snapshot: dict[str, float | None] = {"rss_mb": psutil.Process().memory_info().rss / MiB, "peak_rss_mb": peak / MiB,
+                                         "gpu_allocated_mb": None, "gpu_reserved_mb": None}  # fmt: skip
     torch = sys.modules.get("torch")  # never import torch just to look at memory
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         snapshot["gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / MiB
         snapshot["gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / MiB
     return snapshot
+
+
+def reset_gpu_peak() -> None:
+    """Start a new GPU peak (per round, not the process's lifetime), when torch uses a GPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 class Recorder:
@@ -83,8 +91,9 @@ class Recorder:
         parent = self._stack[-1] if self._stack else None
         self.emit({"kind": "span", "name": name, "parent": parent, "start": start, "seconds": seconds, **attributes})
 
-    def memory(self) -> None:
-        self.emit({"kind": "memory", "time": time.time(), **memory_snapshot()})
+    def memory(self, process: str = "") -> None:
+        """This process's memory (``process`` says which: the server, a ClientApp, a node's worker)."""
+        self.emit({"kind": "memory", "time": time.time(), **({"process": process} if process else {}), **memory_snapshot()})
 
     def close(self) -> None:
         if self._sink:
@@ -109,7 +118,7 @@ class _Off:
     def record_span(self, name: str, seconds: float, start: float, **attributes: Any) -> None:
         pass
 
-    def memory(self) -> None:
+    def memory(self, process: str = "") -> None:
         pass
 
     def close(self) -> None:

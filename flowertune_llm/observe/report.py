@@ -105,7 +105,7 @@ def _summarize_round(server_round: int, events: list[Event]) -> dict[str, Any]:
     memory = [e for e in events if e["kind"] == "memory"]
     server_memory = [e["peak_rss_mb"] for e in memory if e["node"] == SERVER]
     client_memory = [e["peak_rss_mb"] for e in memory if e["node"] != SERVER]
-    gpu = [e["gpu_reserved_mb"] for e in memory if "gpu_reserved_mb" in e]
+    gpu = [e["gpu_reserved_mb"] for e in memory if e.get("gpu_reserved_mb") is not None]
     return {
         "round": server_round,
         "wall_seconds": wall,
@@ -137,6 +137,7 @@ def _summarize_nodes(events: list[Event]) -> list[dict[str, Any]]:
                 spans[e["name"]].append(e)
         train = spans["train"]
         rates = [e["tokens_per_second"] for e in train if e.get("tokens_per_second")]
+        padded_rates = [e["padded_tokens_per_second"] for e in train if e.get("padded_tokens_per_second")]
         memory = [e for e in node_events if e["kind"] == "memory"]
         nodes.append(
             {
@@ -144,7 +145,8 @@ def _summarize_nodes(events: list[Event]) -> list[dict[str, Any]]:
                 "rounds": len({e["round"] for e in node_events if e["kind"] == "arrival"}),
                 "handler_seconds_median": _median([e["seconds"] for e in spans["handler"]]),
                 "train_seconds_median": _median([e["seconds"] for e in train]),
-                "tokens_per_second_median": _median(rates),
+                "tokens_per_second_median": _median(rates),  # padding left out
+                "padded_tokens_per_second_median": _median(padded_rates),
                 "model_loads": sum(1 for e in spans["model_load"] if not e.get("cache_hit")),
                 "model_load_seconds": sum(e["seconds"] for e in spans["model_load"]),
                 "data_load_seconds": sum(e["seconds"] for e in spans["data_load"]),
@@ -152,7 +154,12 @@ def _summarize_nodes(events: list[Event]) -> list[dict[str, Any]]:
                 "bytes_down": sum(e["bytes"] for e in node_events if e["kind"] == "message" and e["direction"] == "down"),
                 "bytes_up": sum(e["bytes"] for e in node_events if e["kind"] == "message" and e["direction"] == "up"),
                 "peak_rss_mb": _max([e["peak_rss_mb"] for e in memory]),
-                "gpu_peak_reserved_mb": _max([e["gpu_reserved_mb"] for e in memory if "gpu_reserved_mb" in e]),
+                "peak_rss_mb_by_process": {
+                    process: _max([e["peak_rss_mb"] for e in memory if e.get("process", "clientapp") == process])
+                    for process in sorted({e.get("process", "clientapp") for e in memory})
+                },  # a deployment node: the short-lived ClientApp and the worker that trains
+                "gpu_peak_reserved_mb": _max([e["gpu_reserved_mb"] for e in memory if e.get("gpu_reserved_mb") is not None]),
+                "gpu_peak_allocated_mb": _max([e["gpu_allocated_mb"] for e in memory if e.get("gpu_allocated_mb") is not None]),
             }
         )
     return nodes
@@ -187,11 +194,12 @@ def format_tables(summary: dict[str, Any]) -> str:
         ],
     )  # fmt: skip
     nodes = _table(
-        ["node", "rounds", "handler med s", "train med s", "tokens/s", "model loads", "model load s", "data load s",
+        ["node", "rounds", "handler med s", "train med s", "tokens/s", "with padding", "model loads", "model load s", "data load s",
          "down MiB", "up MiB", "peak RSS MiB", "GPU peak MiB"],
         [
             [_cell(n["node"]), _cell(n["rounds"]), _cell(n["handler_seconds_median"]), _cell(n["train_seconds_median"]),
-             _cell(n["tokens_per_second_median"]), _cell(n["model_loads"]), _cell(n["model_load_seconds"]),
+             _cell(n["tokens_per_second_median"]), _cell(n["padded_tokens_per_second_median"]), _cell(n["model_loads"]),
+             _cell(n["model_load_seconds"]),
              _cell(n["data_load_seconds"]), _cell(n["bytes_down"], "MiB"), _cell(n["bytes_up"], "MiB"),
              _cell(n["peak_rss_mb"]), _cell(n["gpu_peak_reserved_mb"])]
             for n in summary["nodes"]
@@ -203,9 +211,9 @@ def format_tables(summary: dict[str, Any]) -> str:
 _COLORS = {
     "configure": "tab:purple", "send": "tab:pink", "wait": "lightgray", "decode": "tab:olive",
     "aggregate": "tab:red", "write": "teal", "history": "tab:brown", "checkpoint": "black", "model_load": "tab:orange",
-    "adapter_in": "tab:cyan", "data_load": "tab:green", "train": "tab:blue", "adapter_out": "tab:cyan",
-    "evaluate": "gold", "eval": "gold",
-}  # fmt: skip
+    "adapter_in": "deepskyblue", "data_load": "tab:green", "train": "tab:blue", "adapter_out": "navy",
+    "evaluate": "gold", "eval": "goldenrod",
+}  # fmt: skip (every part its own colour: adapter_in and adapter_out apart)
 
 
 def plot(events: list[Event], path: Path) -> Path:
@@ -222,6 +230,7 @@ def plot(events: list[Event], path: Path) -> Path:
     lanes = [SERVER] + sorted({e["node"] for e in spans if e["node"] != SERVER}, key=str)
     fig, (timeline, mem) = plt.subplots(2, 1, figsize=(11, 2.2 + 0.45 * len(lanes) + 3), dpi=110, sharex=True,
                                          gridspec_kw={"height_ratios": [len(lanes) + 1, 3]})  # fmt: skip
+    timeline.tick_params(axis="x", labelbottom=True)  # shared x: the top panel keeps its numbers too
     for lane, node in enumerate(lanes):
         bars = [(e["start"] - origin, e["seconds"], _COLORS[e["name"]]) for e in spans if e["node"] == node]
         timeline.broken_barh([(s, d) for s, d, _ in bars], (lane - 0.4, 0.8), facecolors=[c for *_, c in bars])
@@ -235,9 +244,14 @@ def plot(events: list[Event], path: Path) -> Path:
     timeline.legend(handles=[Patch(color=c, label=n) for n, c in _COLORS.items()], ncol=6, fontsize=7,
                     loc="upper center", bbox_to_anchor=(0.5, -0.25))  # fmt: skip
     for node in lanes:
-        points = sorted((e["time"] - origin, e["peak_rss_mb"]) for e in memory if e["node"] == node)
-        if points:
-            mem.plot(*zip(*points), "o-", ms=3, label=f"{node} peak RSS")
+        for process in sorted({e.get("process", "") for e in memory if e["node"] == node}):
+            mine = [e for e in memory if e["node"] == node and e.get("process", "") == process]
+            name = f"{node} {process}".strip()
+            points = sorted((e["time"] - origin, e["peak_rss_mb"]) for e in mine)
+            line = mem.plot(*zip(*points), "o-", ms=3, label=f"{name} peak RSS")[0]
+            gpu = sorted((e["time"] - origin, e["gpu_reserved_mb"]) for e in mine if e.get("gpu_reserved_mb") is not None)
+            if gpu:
+                mem.plot(*zip(*gpu), "s--", ms=3, color=line.get_color(), label=f"{name} GPU peak reserved")
     mem.set_ylabel("MiB")
     mem.set_xlabel("seconds since the first round started")
     mem.legend(fontsize=7)

@@ -36,7 +36,8 @@ class RoundResult:
     train_loss: float
     num_examples: int  # the partition size: FedAvg's weight for this client
     steps: int
-    tokens: int
+    tokens: int  # trained on: padding left out
+    padded_tokens: int  # every position of every batch
     prepare_seconds: float  # building the trainer: tokenization on a first round, checks after
     seconds: float  # the whole of trainer.train(): set-up, batches and optimizer steps
     step_seconds: float  # the optimizer steps alone (forward, backward, update), summed
@@ -62,6 +63,21 @@ def optimizer_name(optim: str, on_gpu: bool) -> str:
     return _UNPAGED[optim]
 
 
+def checkpointing_kwargs(model: ModelConfig) -> dict | None:
+    """Reentrant activation checkpointing for an 8-bit model, transformers' default (non-reentrant) otherwise.
+
+    bitsandbytes' LLM.int8() matmul on a GPU (``MatMul8bitLt``) keeps its input for backward as a plain ``ctx``
+    attribute, not through ``save_for_backward``. Non-reentrant checkpointing only drops what goes through
+    ``save_for_backward``, so every 8-bit linear layer kept its (float32) input alive until backward: on the
+    OpenLLaMA-3B shape (H100, batch 16 x 512) 29.4 GB allocated against 10.7 GB reserved in 4-bit
+    (../shared/docs/gpu-notes.md). Reentrant checkpointing runs the first forward without autograd, so nothing
+    is kept; the recompute holds one layer's inputs at a time. 4-bit keeps only its (resident) weight that way.
+    """
+    if model.gradient_checkpointing and model.quantization == 8:
+        return {"use_reentrant": True}
+    return None
+
+
 def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, server_round: int, output_dir: str) -> SFTConfig:
     args = train.training_arguments
     on_gpu = torch.cuda.is_available() and model.device_map != "cpu"
@@ -80,6 +96,7 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
         max_length=train.seq_length,
         completion_only_loss=True,
         activation_checkpointing=model.gradient_checkpointing,
+        activation_checkpointing_kwargs=checkpointing_kwargs(model),
         bf16=on_gpu and model.dtype == "bfloat16",
         fp16=on_gpu and model.dtype == "float16",
         use_cpu=not on_gpu,
@@ -92,7 +109,6 @@ def sft_config(train: TrainConfig, model: ModelConfig, learning_rate: float, ser
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
     )
 
@@ -105,8 +121,12 @@ _UNUSED_OUTPUT_DIR = str(Path(tempfile.gettempdir()) / "flowertune-llm-trainer-u
 _tokenized: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
 
 
-class ProximalSFTTrainer(SFTTrainer):
-    """TRL's trainer with FedProx's term (mu/2)·||w - w_global||² over the trainable (adapter) weights.
+class RoundTrainer(SFTTrainer):
+    """TRL's trainer for one round: it counts the tokens it trains on with and without padding, and adds
+    FedProx's term (mu/2)·||w - w_global||² over the trainable (adapter) weights when asked.
+
+    Tokens: ``tokens`` are the real ones (attention mask set), ``padded_tokens`` every position of every batch;
+    their ratio is what padding costs (transformers counts one or the other, ``include_num_input_tokens_seen``).
 
     ``w_global`` is a detached copy of the adapter as the round began (:meth:`anchor`): the adapter only,
     never the model (FedProx implementations that deep-copy the model hold a second base model).
@@ -121,6 +141,15 @@ class ProximalSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
         self._anchors: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.tokens = self.padded_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            mask = inputs.get("attention_mask")
+            self.padded_tokens += ids.numel()
+            self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def anchor(self) -> None:
         """Take the trainable weights as they are now as ``w_global`` (after any dtype change of the adapter)."""
@@ -180,7 +209,8 @@ def train_round(
         train_loss=float(output.training_loss),
         num_examples=len(dataset),
         steps=trainer.state.global_step,
-        tokens=int(trainer.state.num_input_tokens_seen),
+        tokens=trainer.tokens,
+        padded_tokens=trainer.padded_tokens,
         prepare_seconds=prepare_seconds,
         seconds=seconds,
         step_seconds=step_timer.seconds,
@@ -190,14 +220,14 @@ def train_round(
 def build_trainer(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, train: TrainConfig,
     model_config: ModelConfig, learning_rate: float, server_round: int, proximal_mu: float = 0.0,
-) -> tuple[ProximalSFTTrainer, float]:  # fmt: skip
+) -> tuple[RoundTrainer, float]:  # fmt: skip
     """The round's trainer (tokenized data cached across rounds), and the seconds it took to build."""
     cache_key = (id(dataset), train.seq_length)
     cached = _tokenized.get(cache_key)
     train_dataset = cached[1] if cached and cached[0] is dataset else dataset
 
     prepare_start = time.perf_counter()
-    trainer = ProximalSFTTrainer(
+    trainer = RoundTrainer(
         model=model,
         args=sft_config(train, model_config, learning_rate, server_round, _UNUSED_OUTPUT_DIR),
         train_dataset=train_dataset,

@@ -6,7 +6,13 @@ import tomllib
 
 import pytest
 
-from flowertune_llm.deploy.cli_config import node_config_arg, toml_value, write_cli_connection
+from flowertune_llm.deploy.cli_config import (
+    default_connection,
+    node_config_arg,
+    remove_cli_connection,
+    toml_value,
+    write_cli_connection,
+)
 
 USERS_FILE = """# my connections
 [superlink]
@@ -49,3 +55,20 @@ def test_values_are_quoted_as_flowers_command_line_reads_them():
     assert toml_value(0.5) == "0.5" and toml_value("x") == "'x'"
     with pytest.raises(ValueError, match="both kinds of quotes"):
         toml_value("it's \"both\"")
+
+
+def test_a_connection_written_and_removed_again_leaves_the_file_as_it_was(tmp_path):
+    (tmp_path / "config.toml").write_text(USERS_FILE)
+    before = tomllib.loads(USERS_FILE)["superlink"]
+    default = default_connection(tmp_path)
+    write_cli_connection(tmp_path, "flowertune", "127.0.0.1:9999", None, make_default=True)
+    assert default_connection(tmp_path) == "flowertune"
+    remove_cli_connection(tmp_path, "flowertune", default)
+    assert tomllib.loads((tmp_path / "config.toml").read_text())["superlink"] == before
+
+
+def test_removing_the_default_connection_falls_back_to_flowers_local(tmp_path):
+    write_cli_connection(tmp_path, "harness", "127.0.0.1:5000", None, make_default=True)
+    remove_cli_connection(tmp_path, "harness", default_before="gone")
+    parsed = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
+    assert parsed["default"] == "local" and "harness" not in parsed

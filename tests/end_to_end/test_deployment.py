@@ -11,6 +11,9 @@ process survives.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,8 @@ def federation(tmp_path_factory):
     assert not fed.pids(), "processes survived the federation"
     # The workers' logs stay under the federation's directory; a temporary worker directory is gone.
     assert not (fed.workdir / "workers").is_symlink() and fed.worker_dir == fed.workdir / "workers"
+    # The CLI connection it wrote is gone with it: `flwr` is not left pointing at a dead SuperLink.
+    assert fed.connection not in tomllib.loads((fed.cli_home / "config.toml").read_text())["superlink"]
 
 
 def run_app(fed: LocalFederation, run_config: str, timeout: float = 300) -> RunResult:
@@ -65,9 +70,24 @@ def quickstart(output_dir: Path, rounds: int, **overrides: object) -> str:
 
 @pytest.fixture(scope="module")
 def two_node_run(federation, tmp_path_factory):
+    """Two rounds, started with the command `flowertune-llm federation` prints (so that command runs here too)."""
     output_dir = tmp_path_factory.mktemp("deployment-runs")
-    result = run_app(federation, quickstart(output_dir, 2, **{"train.save-every-round": 1, "profile.enabled": "true"}))
-    return result, output_dir / str(result.run_id)
+    command = federation.run_command(str(APP_DIR), quickstart(output_dir, 2, **{"train.save-every-round": 1, "profile.enabled": "true"}))
+    done = subprocess.run(["bash", "-c", command], env={**federation.cli_env, "HF_HUB_OFFLINE": "1"}, cwd=APP_DIR,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    ended = re.search(r"^Run (\d+): (\S+)$", done.stderr, re.MULTILINE)
+    assert ended, done.stdout[-2000:] + done.stderr[-2000:]
+    result = RunResult(int(ended.group(1)), ended.group(2), done.stderr[-500:], done.stdout)
+    return result, output_dir / str(result.run_id), command, done
+
+
+def test_the_printed_command_runs_the_quickstart_offline(two_node_run):
+    """What `flowertune-llm federation` prints: `flowertune-llm run` on its connection, the quickstart preset,
+    nothing from the Hub; it streams the rounds, names the run directory and exits 0 on a completed run."""
+    result, run_dir, command, done = two_node_run
+    assert command.split()[1:3] == ["flowertune-llm", "run"] and "preset=" in command  # FLWR_HOME=... first
+    assert done.returncode == 0 and result.ok, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"Run directory: {run_dir}" in done.stderr and "[round 2/2] train_loss" in done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +101,7 @@ def bad_node_run(federation, two_node_run, tmp_path_factory):
 
 
 def test_two_authenticated_nodes_over_tls_complete_the_run(federation, two_node_run):
-    result, run_dir = two_node_run
+    result, run_dir, *_ = two_node_run
     assert result.ok, result.details
     # The partition node by its partition, the node with its own data by its (registered, stable) id.
     own_node = federation.supernodes[1]
@@ -97,7 +117,7 @@ def test_two_authenticated_nodes_over_tls_complete_the_run(federation, two_node_
 
 
 def test_final_checkpoint_loads_with_peft(two_node_run):
-    _, run_dir = two_node_run
+    _, run_dir, *_ = two_node_run
     model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "round-2"))
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA B starts at zero
@@ -112,7 +132,7 @@ def client_spans(run_dir: Path, name: str) -> dict[tuple[int, int], dict]:
 
 
 def test_node_local_dataset_is_used_by_its_node(federation, two_node_run):
-    _, run_dir = two_node_run
+    _, run_dir, *_ = two_node_run
     partition_node, own_node = federation.supernodes[:2]
     examples = {key: span["examples"] for key, span in client_spans(run_dir, "data_load").items()}
     assert examples == {
@@ -125,7 +145,7 @@ def test_node_local_dataset_is_used_by_its_node(federation, two_node_run):
 
 def test_each_node_keeps_its_model_loaded_across_rounds(federation, two_node_run):
     """Flower starts a ClientApp process per message; the node's persistent worker keeps the model."""
-    _, run_dir = two_node_run
+    _, run_dir, *_ = two_node_run
     loads = client_spans(run_dir, "model_load")
     for node in federation.supernodes[:2]:
         assert (loads[(node.node_id, 1)]["cache_hit"], loads[(node.node_id, 2)]["cache_hit"]) == (False, True)
@@ -138,11 +158,20 @@ def test_each_node_keeps_its_model_loaded_across_rounds(federation, two_node_run
 
 def test_profile_command_reads_a_deployment_run(two_node_run, tmp_path):
     """Profiling works the same in deployment: the client mod's spans come back in the replies."""
-    result, run_dir = two_node_run
+    result, run_dir, *_ = two_node_run
     report = profiled_run_report(result.run_id, run_dir, tmp_path)
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(0.95 <= r["coverage"] <= 1.0 for r in report["rounds"])
     assert len(report["nodes"]) == 2 and all(n["model_loads"] == 1 for n in report["nodes"])
+    # The node's worker, which holds the model and trains, is measured: more memory than the ClientApp process
+    # Flower starts per message (which hands the round over), and a GPU field (null: no GPU here).
+    for node in report["nodes"]:
+        processes = node["peak_rss_mb_by_process"]
+        assert processes["worker"] > processes["clientapp"] > 0 and node["peak_rss_mb"] == processes["worker"]
+        assert node["gpu_peak_reserved_mb"] is None and node["tokens_per_second_median"] > 0
+    memory = [json.loads(line) for line in (run_dir / "profile.jsonl").read_text().splitlines()]
+    workers = [e for e in memory if e.get("kind") == "memory" and e.get("process") == "worker"]
+    assert workers and all(e["gpu_reserved_mb"] is None and e["gpu_allocated_mb"] is None for e in workers)
 
 
 def test_node_with_a_bad_node_config_is_named_and_the_round_completes(bad_node_run):

@@ -22,3 +22,16 @@ def test_aggregation_only_runs_plot_the_schedule_without_a_loss(tmp_path):
     run_dir = RunDirectory.create(tmp_path, 7, {})
     run_dir.save_history([{"round": 1, "learning_rate": 1e-3, "train_loss": None}])
     assert (run_dir.path / "loss.png").stat().st_size > 1000
+
+
+def test_the_loss_plot_marks_whole_rounds_only(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved: list[Figure] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    run_dir = RunDirectory.create(tmp_path, 7, {})
+    run_dir.save_history([{"round": r, "learning_rate": 1e-3, "train_loss": 3.0 - r / 10} for r in (1, 2, 3)])
+    (loss_axis, _) = saved[-1].axes
+    visible = [t for t in loss_axis.get_xticks() if loss_axis.get_xlim()[0] <= t <= loss_axis.get_xlim()[1]]
+    assert visible and all(float(t).is_integer() for t in visible)  # not 1.25, 1.5, ...

@@ -86,3 +86,83 @@ def test_without_mu_no_anchor_is_taken():
     dataset = data.load_partition(config.dataset, config.partition, config.train.seed, 0, 4)
     trainer, _ = build_trainer(model, tokenizer, dataset, config.train, config.model, 1e-3, 1)
     assert trainer._anchors == []  # no copy of the adapter when FedProx is off
+
+
+def test_a_round_counts_the_tokens_it_trains_on_and_the_padding_apart():
+    """One step on one batch of four examples of known, different lengths: the real tokens are their sum,
+    the padded ones four times the longest (the batch is padded to it)."""
+    from datasets import Dataset
+
+    from flowertune_llm.training import models
+    from flowertune_llm.training.sft import build_trainer
+
+    config = make_config(**{"train.training-arguments.max-steps": 1, "train.training-arguments.per-device-train-batch-size": 4})
+    model, tokenizer = models.build_peft_model(config.model), models.load_tokenizer(config.model)
+    rows = [{"prompt": f"Say {'one ' * n}", "completion": f" {'two ' * (n + 1)}"} for n in (1, 3, 6, 12)]
+    dataset = Dataset.from_list(rows)
+    trainer, _ = build_trainer(model, tokenizer, dataset, config.train, config.model, 1e-3, 1)
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert len(set(lengths)) == 4 and max(lengths) < config.train.seq_length  # distinct, none truncated
+    trainer.train()
+    assert trainer.tokens == sum(lengths) and trainer.padded_tokens == 4 * max(lengths)
+
+
+@pytest.mark.parametrize("quantization, reentrant", [(8, True), (4, None), (0, None)])
+def test_only_an_8bit_model_checkpoints_reentrantly(tmp_path, quantization, reentrant):
+    config = make_config(**{"model.quantization": quantization, "model.gradient-checkpointing": True})
+    kwargs = sft_config(config.train, config.model, 1e-4, 1, str(tmp_path)).activation_checkpointing_kwargs
+    assert (kwargs or {}).get("use_reentrant") is reentrant
+
+
+def test_an_8bit_round_keeps_no_layer_inputs_alive_until_backward(monkeypatch):
+    """What inflated the 8-bit path on a GPU, checked on the CPU: bitsandbytes' GPU matmul (``MatMul8bitLt``,
+    forced here in place of its CPU twin) keeps its input in ``ctx.tensors``, which non-reentrant checkpointing
+    cannot drop. At the end of the forward pass (the loss computed, backward not begun) no 8-bit layer may hold
+    its input any more, checkpointing must be on, and training must still reach every adapter tensor."""
+    import gc
+    import weakref
+
+    import bitsandbytes
+    from bitsandbytes.autograd._functions import MatMul8bitLt
+
+    from flowertune_llm.training import data, models, sft
+
+    held: list[weakref.ref] = []
+
+    def gpu_matmul(A, B, out=None, state=None, threshold=0.0, bias=None):  # bitsandbytes.matmul's signature
+        output = MatMul8bitLt.apply(A, B, out, bias, state)
+        kept = getattr(output.grad_fn, "tensors", (None, None, None))[2]
+        if kept is not None:
+            held.append(weakref.ref(kept))
+        return output
+
+    monkeypatch.setattr(bitsandbytes, "matmul", gpu_matmul)
+    at_backward: list[tuple[int, bool]] = []
+    compute_loss = sft.RoundTrainer.compute_loss
+
+    def counting_compute_loss(self, model, *args, **kwargs):
+        result = compute_loss(self, model, *args, **kwargs)
+        gc.collect()
+        at_backward.append((sum(ref() is not None for ref in held), model.is_activation_checkpointing))
+        return result
+
+    monkeypatch.setattr(sft.RoundTrainer, "compute_loss", counting_compute_loss)
+    config = make_config(**{"model.quantization": 8, "model.dtype": "bfloat16", "model.gradient-checkpointing": True,
+                            "train.training-arguments.max-steps": 1})  # fmt: skip
+    model, tokenizer = models.build_peft_model(config.model), models.load_tokenizer(config.model)
+    dataset = data.load_partition(config.dataset, config.partition, config.train.seed, 0, 4)
+
+    def one_round(server_round: int) -> tuple[int, bool]:
+        held.clear()
+        at_backward.clear()
+        before = models.get_adapter_state(model)
+        sft.train_round(model, tokenizer, dataset, config.train, config.model, 1e-3, server_round)
+        after = models.get_adapter_state(model)
+        assert all(not torch.equal(before[k], after[k]) for k in before)  # gradients reach every adapter tensor
+        return at_backward[0]
+
+    assert one_round(1) == (0, True)
+    # The same round with transformers' default (non-reentrant) checkpointing: every 8-bit layer's input stays.
+    monkeypatch.setattr(sft, "checkpointing_kwargs", lambda model_config: None)
+    kept, checkpointing = one_round(2)
+    assert checkpointing and kept == sum(isinstance(m, bitsandbytes.nn.Linear8bitLt) for m in model.modules())
