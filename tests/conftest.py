@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from flowertune_llm.federated import protocol
 from flowertune_llm.observe.profiling import Recorder
 from flowertune_llm.units import MiB
 from flowertune_llm.weights.tensors import Piece
-from testbed.flower import simulation_superlink
+from testbed.flower import RunResult, simulation_superlink
 
 # Built-in models are built once per test session into a private cache, never into the user's home.
 os.environ.setdefault("FLOWERTUNE_LLM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flowertune-llm-test-cache"))
@@ -214,3 +216,37 @@ def profiled_run_report(run_id: int, run_dir: Path, tmp_path: Path) -> dict:
     ]  # down MiB, up MiB
     assert [(row[0], int(row[1])) for row in nodes] == [(str(n["node"]), n["rounds"]) for n in report["nodes"]]
     return report
+
+
+# --- `flowertune-llm run`, and a strategy run shared through it ---
+
+FLOWERTUNE_RUN = [sys.executable, "-m", "flowertune_llm.cli", "run"]
+STRATEGY_ROUNDS = 3
+
+
+def strategy_config(output_dir: Path, settings: str) -> str:
+    """The quickstart with a strategy and an update format, evaluated every round, its last round kept."""
+    return (f"preset='quickstart' num-server-rounds={STRATEGY_ROUNDS} train.save-every-round={STRATEGY_ROUNDS} "
+            f"output.dir='{output_dir}' eval.every-round=1 eval.fraction=0.2 {settings}")  # fmt: skip
+
+
+def run_result_of(done: subprocess.CompletedProcess[str]) -> RunResult:
+    """What `flowertune-llm run` reported: its last line names the run and its status; stdout is the run's log."""
+    ended = re.search(r"^Run (\d+): (\S+)$", done.stderr, re.MULTILINE)
+    assert ended, done.stdout[-2000:] + done.stderr[-2000:]
+    return RunResult(int(ended.group(1)), ended.group(2), done.stderr[-500:], done.stdout)
+
+
+@pytest.fixture(scope="session")
+def fedprox_run(tmp_path_factory):
+    """FedProx with bfloat16 updates, started with `flowertune-llm run` on a simulation SuperLink: one real run that
+    tests/deploy/test_run_command.py reads as a good run (status 0, its directory printed) and
+    tests/end_to_end/test_strategies.py as a strategy run (each test checks what it owns)."""
+    tmp_path = tmp_path_factory.mktemp("fedprox")
+    output_dir = tmp_path / "runs"
+    settings = "strategy.name='fedprox' strategy.proximal-mu=0.1 exchange.update-format='bfloat16'"
+    with simulation_superlink(tmp_path) as link:
+        done = subprocess.run([*FLOWERTUNE_RUN, str(APP_DIR), link.connection, "--run-config", strategy_config(output_dir, settings)],
+                              env=link.env, cwd=APP_DIR, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    result = run_result_of(done)
+    return done, result, output_dir / str(result.run_id)

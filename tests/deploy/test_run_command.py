@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,9 @@ from flowertune_llm.deploy import run_command as run_module
 from flowertune_llm.deploy.processes import exe, free_port
 from testbed.flower import simulation_superlink
 
-from conftest import APP_DIR
+from conftest import APP_DIR, FLOWERTUNE_RUN
 
-FLOWERTUNE = [sys.executable, "-m", "flowertune_llm.cli", "run"]
+FLOWERTUNE = FLOWERTUNE_RUN
 
 
 def flowertune_run(link, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -43,12 +42,12 @@ def test_a_bad_key_fails_in_under_two_seconds_with_one_line_and_status_2(tmp_pat
         assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr
 
 
-def test_a_good_run_exits_0_and_prints_its_run_directory(link, tmp_path):
-    done = flowertune_run(link, "--run-config", f"preset='quickstart' num-server-rounds=1 output.dir='{tmp_path}'")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    run_id = int(run_module._STARTED.search(done.stdout).group(1))
-    assert f"Run directory: {tmp_path / str(run_id)}" in done.stderr and f"Run {run_id}: finished:completed" in done.stderr
-    assert (tmp_path / str(run_id) / "history.json").is_file()
+def test_a_good_run_exits_0_and_prints_its_run_directory(fedprox_run):
+    done, result, run_dir = fedprox_run  # a FedProx run shared with test_strategies.py (conftest)
+    assert done.returncode == 0 and result.ok, done.stdout[-3000:] + done.stderr
+    assert int(run_module._STARTED.search(done.stdout).group(1)) == result.run_id
+    assert f"Run directory: {run_dir}" in done.stderr and f"Run {result.run_id}: finished:completed" in done.stderr
+    assert (run_dir / "history.json").is_file()
 
 
 def test_a_failed_run_exits_1(link, tmp_path):

@@ -11,7 +11,6 @@ process survives.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -26,7 +25,7 @@ from flowertune_llm.deploy.cli_config import write_cli_connection
 from flowertune_llm.deploy.federation import FederationError, LocalFederation
 from testbed.flower import RunResult, federation_link
 
-from conftest import APP_DIR, profiled_run_report
+from conftest import APP_DIR, profiled_run_report, run_result_of
 
 pytestmark = pytest.mark.deployment
 
@@ -75,9 +74,7 @@ def two_node_run(federation, tmp_path_factory):
     command = federation.run_command(str(APP_DIR), quickstart(output_dir, 2, **{"train.save-every-round": 1, "profile.enabled": "true"}))
     done = subprocess.run(["bash", "-c", command], env={**federation.cli_env, "HF_HUB_OFFLINE": "1"}, cwd=APP_DIR,
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    ended = re.search(r"^Run (\d+): (\S+)$", done.stderr, re.MULTILINE)
-    assert ended, done.stdout[-2000:] + done.stderr[-2000:]
-    result = RunResult(int(ended.group(1)), ended.group(2), done.stderr[-500:], done.stdout)
+    result = run_result_of(done)
     return result, output_dir / str(result.run_id), command, done
 
 

@@ -11,27 +11,20 @@ from flowertune_llm.weights.codec import CHANGE_DIR
 from flowertune_llm.weights.server_optimizers import STATE_DIR
 from testbed.flower import simulation_superlink
 
-from conftest import APP_DIR
+from conftest import APP_DIR, STRATEGY_ROUNDS, strategy_config
 
 pytestmark = pytest.mark.simulation
-ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """FedAdam with int8 updates and FedProx with bfloat16 ones, on one simulation SuperLink."""
+def runs(tmp_path_factory, fedprox_run):
+    """FedAdam with int8 updates (here) and FedProx with bfloat16 ones (the session's `flowertune-llm run` run)."""
     tmp_path = tmp_path_factory.mktemp("strategies")
     output_dir = tmp_path / "runs"
-    common = (f"preset='quickstart' num-server-rounds={ROUNDS} train.save-every-round={ROUNDS} "
-              f"output.dir='{output_dir}' eval.every-round=1 eval.fraction=0.2")  # fmt: skip
-    settings = {"fedadam-int8": "strategy.name='fedadam' exchange.update-format='int8'",
-                "fedprox-bfloat16": "strategy.name='fedprox' strategy.proximal-mu=0.1 exchange.update-format='bfloat16'"}  # fmt: skip
-    out = {}
     with simulation_superlink(tmp_path) as link:
-        for name, extra in settings.items():
-            result = link.run_app(APP_DIR, run_config=f"{common} {extra}".strip())
-            out[name] = (result, output_dir / str(result.run_id))
-    return out
+        result = link.run_app(APP_DIR, run_config=strategy_config(output_dir, "strategy.name='fedadam' exchange.update-format='int8'"))
+    _, fedprox, fedprox_dir = fedprox_run
+    return {"fedadam-int8": (result, output_dir / str(result.run_id)), "fedprox-bfloat16": (fedprox, fedprox_dir)}
 
 
 @pytest.mark.parametrize("name", ["fedadam-int8", "fedprox-bfloat16"])
@@ -42,7 +35,7 @@ def test_a_strategy_with_compressed_updates_trains_and_saves_a_peft_adapter(runs
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3] and all(r["failures"] == {} for r in history)
     assert all(r["eval_loss"] > 0 and r["eval_failures"] == {} for r in history)
-    checkpoint = run_dir / "checkpoints" / f"round-{ROUNDS}"
+    checkpoint = run_dir / "checkpoints" / f"round-{STRATEGY_ROUNDS}"
     assert (checkpoint / CHANGE_DIR).is_dir() and (checkpoint / STATE_DIR).is_dir() == name.startswith("fedadam")
     AutoPeftModelForCausalLM.from_pretrained(str(checkpoint))  # a standard PEFT adapter
 
