@@ -23,7 +23,6 @@ from flowertune_llm.builtin.make_instructions import make_instructions
 from flowertune_llm.deploy.certificates import make_certificates
 from flowertune_llm.deploy.cli_config import write_cli_connection
 from flowertune_llm.deploy.federation import FederationError, LocalFederation
-from testbed.flower import RunResult, federation_link
 
 from conftest import APP_DIR, profiled_run_report, run_result_of
 
@@ -56,11 +55,6 @@ def federation(tmp_path_factory):
     assert not (fed.workdir / "workers").is_symlink() and fed.worker_dir == fed.workdir / "workers"
     # The CLI connection it wrote is gone with it: `flwr` is not left pointing at a dead SuperLink.
     assert fed.connection not in tomllib.loads((fed.cli_home / "config.toml").read_text())["superlink"]
-
-
-def run_app(fed: LocalFederation, run_config: str, timeout: float = 300) -> RunResult:
-    """`flwr run` on the federation's TLS connection, wait for the end, return status and log (testbed/flower.py)."""
-    return federation_link(fed).run_app(APP_DIR, run_config=run_config, timeout=timeout)
 
 
 def quickstart(output_dir: Path, rounds: int, **overrides: object) -> str:
