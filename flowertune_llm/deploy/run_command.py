@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # ConfigError is a ValueError naming the key
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    print(f"Run config checked ({time.monotonic() - started:.1f} s): {config.num_server_rounds} rounds of "
+    rounds = f"{config.num_server_rounds} round{'' if config.num_server_rounds == 1 else 's'}"
+    print(f"Run config checked ({time.monotonic() - started:.1f} s): {rounds} of "
           f"{config.model.name}, output under {config.output.root}", file=sys.stderr)  # fmt: skip
     try:
         _ensure_local_superlink_installs_nothing(args.connection)
