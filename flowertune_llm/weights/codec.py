@@ -21,11 +21,12 @@ rebuilds from a change is the server's checkpoint, bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
-from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter
+from flowertune_llm.weights.shards import ONE_FILE, ShardedCheckpointWriter, StoreInsideCheckpoint
 from flowertune_llm.weights.tensors import Piece, TensorSpec
 
 BLOCK = 64  # values per int8 scale: bitsandbytes' block size for its 4-bit formats
@@ -151,7 +152,7 @@ def stored_change(store: LocalCheckpoint, group: Sequence[Piece], specs: Mapping
     return out
 
 
-class ChangeRound:
+class ChangeRound(StoreInsideCheckpoint):
     """The round's new global model as a change from the one before, for nodes that hold that one.
 
     Applied to each piece's new weights as the round's last step (after a server optimizer's): the change
@@ -160,28 +161,20 @@ class ChangeRound:
     earlier one changed by the *decoded* change: what those nodes rebuild, bit for bit.
     """
 
+    DIRECTORY = CHANGE_DIR
+
     def __init__(self, update_format: str, specs: Mapping[str, TensorSpec], before: LocalCheckpoint):
+        super().__init__()
         self.update_format, self.specs, self.before = update_format, dict(specs), before
-        self.writer: ShardedCheckpointWriter | None = None
 
-    def open_inside(self, checkpoint: ShardedCheckpointWriter) -> None:
+    def _writer_for(self, directory: Path) -> ShardedCheckpointWriter:
         store = {name: wire for n, s in self.specs.items() for name, wire in wire_specs(n, s, self.update_format).items()}
-        self.writer = ShardedCheckpointWriter(checkpoint.inner_path(CHANGE_DIR), store, max_shard_bytes=ONE_FILE)
-        self.writer.open()
-
-    def commit(self) -> None:
-        assert self.writer is not None
-        self.writer.commit()
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+        return ShardedCheckpointWriter(directory, store, max_shard_bytes=ONE_FILE)
 
     def __call__(self, key: str, values: torch.Tensor) -> torch.Tensor:
-        if self.writer is None:
-            raise RuntimeError("the round's change store is not open")
+        writer = self._open_writer()
         base = self.before.tensor(Piece.parse(key)).to(torch.float32)
         wire = encode(key, values.to(torch.float32).sub(base), self.update_format)
         for wire_key, tensor in wire.items():
-            self.writer.write(_stored_piece(wire_key), tensor)
+            writer.write(_stored_piece(wire_key), tensor)
         return rebuild(base, wire, key, self.update_format).to(values.dtype)

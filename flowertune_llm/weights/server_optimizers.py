@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from flowertune_llm.weights.local_checkpoint import LocalCheckpoint
-from flowertune_llm.weights.shards import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter
+from flowertune_llm.weights.shards import DEFAULT_MAX_SHARD_BYTES, ShardedCheckpointWriter, StoreInsideCheckpoint
 from flowertune_llm.weights.tensors import Piece, TensorSpec
 
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -130,7 +130,7 @@ class ServerOptimizer:
         return sum(spec.nbytes for spec in self.state_specs(specs).values())
 
 
-class OptimizerRound:
+class OptimizerRound(StoreInsideCheckpoint):
     """A server optimizer applied to one round's means, piece by piece, as streaming_fedavg's ``apply``.
 
     Reads the global model before the round (``current``) and the state after the previous round
@@ -138,29 +138,20 @@ class OptimizerRound:
     (:meth:`open_inside`), committed with it, and dropped with it when the round restarts.
     """
 
+    DIRECTORY = STATE_DIR
+
     def __init__(self, optimizer: ServerOptimizer, server_round: int, specs: Mapping[str, TensorSpec],
                  current: LocalCheckpoint, previous: LocalCheckpoint | None):  # fmt: skip
+        super().__init__()
         self.optimizer, self.server_round, self.specs = optimizer, server_round, dict(specs)
         self.current, self.previous = current, previous
-        self.writer: ShardedCheckpointWriter | None = None
 
-    def open_inside(self, checkpoint: ShardedCheckpointWriter) -> None:
-        """Start writing the state into ``server_optimizer/`` of the checkpoint being written."""
-        self.writer = self.optimizer.writer(checkpoint.inner_path(STATE_DIR), self.specs)
-        self.writer.open()
-
-    def commit(self) -> None:
-        assert self.writer is not None
-        self.writer.commit()
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+    def _writer_for(self, directory: Path) -> ShardedCheckpointWriter:
+        return self.optimizer.writer(directory, self.specs)  # the state, in ``server_optimizer/``
 
     def __call__(self, key: str, mean: torch.Tensor) -> torch.Tensor:
         """The new global weights of piece ``key`` in its dtype, from its float32 ``mean`` (overwritten)."""
-        if self.writer is None:
-            raise RuntimeError("the round's state writer is not open")
+        self._open_writer()
         piece = Piece.parse(key)
         spec = self.specs[piece.name]
         current = self.current.tensor(piece)
@@ -186,9 +177,9 @@ class OptimizerRound:
             stored = Piece(f"{state_name}.{name}", rows)
             state[state_name] = self.previous.tensor(stored) if self.previous is not None else torch.zeros_like(x)
         new_state = self.optimizer.step(self.server_round, x, mean, state)
-        assert self.writer is not None
+        writer = self._open_writer()
         for state_name, values in new_state.items():
-            self.writer.write(Piece(f"{state_name}.{name}", rows), values)
+            writer.write(Piece(f"{state_name}.{name}", rows), values)
 
 
 def previous_state(checkpoint: Path | None) -> Path | None:

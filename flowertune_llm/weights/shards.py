@@ -335,3 +335,34 @@ def save_local_checkpoint(
         for name, content in (extra_files or {}).items():
             writer.add_file(name, content)
     return Path(directory)
+
+
+class StoreInsideCheckpoint:
+    """A store written in a directory of its own inside a checkpoint being written, committed or dropped with
+    it: what a round stage keeps beside the new global model (a server optimizer's state, the change sent to
+    nodes). A subclass names the directory and makes the writer; the round opens, commits or aborts it."""
+
+    DIRECTORY: str
+
+    def __init__(self) -> None:
+        self.writer: ShardedCheckpointWriter | None = None
+
+    def _writer_for(self, directory: Path) -> ShardedCheckpointWriter:
+        raise NotImplementedError
+
+    def open_inside(self, checkpoint: ShardedCheckpointWriter) -> None:
+        self.writer = self._writer_for(checkpoint.inner_path(self.DIRECTORY))
+        self.writer.open()
+
+    def commit(self) -> None:
+        assert self.writer is not None
+        self.writer.commit()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def _open_writer(self) -> ShardedCheckpointWriter:
+        if self.writer is None:
+            raise RuntimeError(f"{type(self).__name__}: its store inside the round's checkpoint is not open")
+        return self.writer
