@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from testbed import results
@@ -34,7 +33,7 @@ BENCHMARK = "layerwise_deployment"
 NODES = 2
 def run(window: int, max_message_mb: float, workdir: Path) -> dict:
     from flowertune_llm.deploy.federation import LocalFederation
-    from testbed.flower import federation_link
+    from testbed.flower import timed_federation_run
     from testbed.models import aggregation_only_run, small_llama
 
     models = [small_llama(workdir / f"model-{node}", seed=node) for node in range(NODES)]
@@ -42,10 +41,7 @@ def run(window: int, max_message_mb: float, workdir: Path) -> dict:
     # Two aggregation-only rounds of the whole model, as the tests' layer-wise runs.
     config = aggregation_only_run(models[0], "layerwise", workdir / "runs", f"aggregation.window={window}", max_message_mb)
     federation = LocalFederation(workdir / "federation", NODES, tls=True, auth=True, node_configs=node_configs)
-    with federation:
-        started = time.perf_counter()
-        result = federation_link(federation).run_app(results.ROOT, run_config=config, timeout=1800)
-        wall = time.perf_counter() - started
+    result, wall = timed_federation_run(federation, results.ROOT, config, timeout=1800)
     if not result.ok:
         sys.exit(f"window {window}: the run failed: {result.details}")
     history = json.loads((workdir / "runs" / str(result.run_id) / "history.json").read_text())

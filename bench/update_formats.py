@@ -29,7 +29,6 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from testbed import results
@@ -66,7 +65,7 @@ def build_model(directory: Path) -> Path:
 def run(update_format: str, rounds: int, model_settings: str, workdir: Path) -> dict:
     from flowertune_llm.deploy.federation import LocalFederation
     from flowertune_llm.observe.report import load_profile
-    from testbed.flower import federation_link
+    from testbed.flower import timed_federation_run
 
     node_configs = [{"state-dir": str(workdir / "node-state")} for _ in range(NODES)]
     config = (f"{model_settings} train.training-arguments.max-steps=0 num-server-rounds={rounds} "
@@ -74,10 +73,7 @@ def run(update_format: str, rounds: int, model_settings: str, workdir: Path) -> 
               f"output.dir='{workdir / 'runs'}' profile.enabled=true")  # fmt: skip
     federation = LocalFederation(workdir / "federation", NODES, tls=True, auth=True, node_configs=node_configs,
                                  env=FAST_POLL)  # fmt: skip
-    with federation:
-        started = time.perf_counter()
-        result = federation_link(federation).run_app(results.ROOT, run_config=config, timeout=3600)
-        wall = time.perf_counter() - started
+    result, wall = timed_federation_run(federation, results.ROOT, config, timeout=3600)
     if not result.ok:
         sys.exit(f"{update_format}: the run failed: {result.details}")
     run_dir = workdir / "runs" / str(result.run_id)

@@ -193,6 +193,15 @@ def federation_link(federation: LocalFederation) -> SuperLinkHandle:
     )  # fmt: skip
 
 
+def timed_federation_run(federation: LocalFederation, app_dir: Path, run_config: str, timeout: float) -> tuple[RunResult, float]:
+    """Start ``federation``, run the app on it once, stop it (every process by PID): the run, and its wall seconds
+    from submission to the end (the federation's start and stop left out)."""
+    with federation:
+        started = time.perf_counter()
+        result = federation_link(federation).run_app(app_dir, run_config=run_config, timeout=timeout, check=False)
+        return result, time.perf_counter() - started
+
+
 @contextlib.contextmanager
 def simulation_superlink(
     tmp_path: Path, startup_timeout: float = 60, grace: float = 10
