@@ -384,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     from testbed import results
 
     try:  # every recipe named right, before any model is built
-        for recipe in args.recipes:
-            recipe_config(recipe, None, args)
+        configs = {recipe: recipe_config(recipe, None, args) for recipe in args.recipes}
     except (ValueError, OSError) as error:  # ConfigError is a ValueError naming the key
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -396,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         rows = []
         for recipe in args.recipes:
-            hub_id = recipe_config(recipe, None, args).model.name
+            hub_id = configs[recipe].model.name
             suffix = f"-{args.layers}layers" if args.layers else ""
             model_dir = build_model(hub_id, args.layers, work / f"{hub_id.replace('/', '__')}{suffix}")
             runs: dict[str, list[dict[str, Any]]] = {"app": [], "trl": []}
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in ("app", "trl") if repeat % 2 == 0 else ("trl", "app"):
                     print(f"[gpu_client] {recipe}: {side} (pair {repeat + 1} of {args.repeats})", file=sys.stderr, flush=True)
                     runs[side].append(_side_in_fresh_process(side, recipe, model_dir, argv, work))
-            rows.append(summarize(recipe, recipe_config(recipe, model_dir, args), runs))
+            rows.append(summarize(recipe, configs[recipe], runs))  # the recipe's own model name, not the copy's path
         import torch
 
         payload = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(0), "warmup_steps": args.warmup,
