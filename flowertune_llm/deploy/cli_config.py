@@ -50,13 +50,7 @@ def write_cli_connection(
         text = DEFAULT_FLOWER_CONFIG_TOML
     text = _without_connection(text, name)
     if make_default:
-        parsed = tomllib.loads(text)
-        if "default" in parsed.get("superlink", {}):
-            text = re.sub(r"(?m)^(\s*default\s*=\s*).*$", rf'\g<1>"{name}"', text, count=1)
-        elif "[superlink]" in text:
-            text = text.replace("[superlink]", f'[superlink]\ndefault = "{name}"', 1)
-        else:
-            text = f'[superlink]\ndefault = "{name}"\n\n' + text
+        text = _with_default(text, name)
     # JSON string escapes are valid TOML basic-string escapes.
     section = f"\n[superlink.{name}]\naddress = {json.dumps(address)}\n"
     section += (
@@ -80,6 +74,15 @@ def _without_connection(text: str, name: str) -> str:
     return "\n".join(kept).rstrip() + "\n"
 
 
+def _with_default(text: str, name: str) -> str:
+    """``text`` with ``name`` as ``[superlink] default``, the rest of the file as it was."""
+    if "default" in tomllib.loads(text).get("superlink", {}):
+        return re.sub(r"(?m)^(\s*default\s*=\s*).*$", rf'\g<1>"{name}"', text, count=1)
+    if "[superlink]" in text:
+        return text.replace("[superlink]", f'[superlink]\ndefault = "{name}"', 1)
+    return f'[superlink]\ndefault = "{name}"\n\n' + text
+
+
 def default_connection(flwr_home: Path) -> str | None:
     path = Path(flwr_home) / "config.toml"
     return tomllib.loads(path.read_text()).get("superlink", {}).get("default") if path.is_file() else None
@@ -95,8 +98,7 @@ def remove_cli_connection(flwr_home: Path, name: str, default_before: str | None
     text = _without_connection(path.read_text(), name)
     connections = tomllib.loads(text).get("superlink", {})
     if connections.get("default") == name:
-        restored = default_before if default_before in connections and default_before != name else "local"
-        text = re.sub(r"(?m)^(\s*default\s*=\s*).*$", rf'\g<1>"{restored}"', text, count=1)
+        text = _with_default(text, default_before if default_before in connections and default_before != name else "local")
     tomllib.loads(text)  # never leave a file the CLI cannot read
     write_atomic(path, text.encode())
 
