@@ -39,8 +39,7 @@ def memory_snapshot() -> dict[str, float | None]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     snapshot: dict[str, float | None] = {"rss_mb": psutil.Process().memory_info().rss / MiB, "peak_rss_mb": peak / MiB,
                                          "gpu_allocated_mb": None, "gpu_reserved_mb": None}  # fmt: skip
-    torch = sys.modules.get("torch")  # never import torch just to look at memory
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if (torch := _torch_on_a_gpu()) is not None:
         snapshot["gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / MiB
         snapshot["gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / MiB
     return snapshot
@@ -48,9 +47,14 @@ def memory_snapshot() -> dict[str, float | None]:
 
 def reset_gpu_peak() -> None:
     """Start a new GPU peak (per round, not the process's lifetime), when torch uses a GPU."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if (torch := _torch_on_a_gpu()) is not None:
         torch.cuda.reset_peak_memory_stats()
+
+
+def _torch_on_a_gpu():
+    """torch, if this process imported it and it has put something on a GPU; never imports torch to find out."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 class Recorder:
